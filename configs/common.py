@@ -1,0 +1,67 @@
+"""The config contract: the fields every experiment config has, with their defaults.
+
+Each model family's file starts from `base_config()` and sets what its recipe needs.
+Every field can be overridden on the command line: `--config.optimizer.learning_rate=3e-4`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # Data: any TFDS image-classification dataset with `image` and `label` features.
+  c.dataset = "cifar10"
+  c.data_dir = config_dict.placeholder(str)  # None: the TFDS default (honours TFDS_DATA_DIR).
+  c.download = True  # Prepare the dataset if it is missing (fails fast when offline).
+  c.train_split = "train"
+  c.eval_split = "test"
+  c.image_size = 32  # Side of the square images the model sees.
+  # auto: `device` where the train split fits in device memory, else `tfdata`.
+  # device: the split kept on the accelerators, augmented inside jit (CIFAR-sized data).
+  # tfdata: TFDS + tf.data on the host.
+  c.input_pipeline = "auto"
+  c.shuffle_buffer = 16_384
+
+  # Augmentation (train only; eval resizes or centre-crops to image_size).
+  c.augment = ml_collections.ConfigDict()
+  c.augment.crop = "pad"  # none | pad (pad + random crop) | resize (resize + random crop) | inception
+  c.augment.crop_padding = 4  # crop=pad: pixels of padding on each side (scaled to image_size).
+  c.augment.resize_size = -1  # crop=resize: side before the random crop (-1: image_size).
+  c.augment.flip = True  # Random horizontal flip.
+  c.augment.zoom = 0.0  # Random zoom by up to +-zoom (0.2: 80%..120%).
+  c.augment.rotation = 0.0  # Random rotation by up to +-rotation of a full turn (Keras' factor).
+  c.augment.contrast = 0.0  # Random contrast factor in [1 - contrast, 1 + contrast].
+
+  # Schedule of the run. Steps count global batches.
+  c.batch_size = 128  # Global, over all devices and hosts.
+  c.eval_batch_size = -1  # -1: batch_size.
+  c.num_epochs = 10.0
+  c.num_train_steps = -1  # -1: derived from num_epochs.
+  c.eval_every_steps = -1  # -1: once per epoch.
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.log_every_steps = 50
+  c.seed = 0
+  c.parallelism = "shard_map"  # shard_map | pmap
+  c.dtype = "float32"  # float32 | bfloat16: the dtype of activations; parameters stay float32.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "vit"
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"  # adamw | lamb | sgd
+  c.optimizer.learning_rate = 1e-3  # Peak learning rate.
+  c.optimizer.weight_decay = 1e-4  # Decoupled, on weight matrices only (not biases or norms).
+  c.optimizer.warmup_steps = 0  # Linear warmup; warmup_epochs is added to it.
+  c.optimizer.warmup_epochs = 0.0
+  c.optimizer.schedule = "cosine"  # cosine | step | constant
+  c.optimizer.decay_epochs = ()  # schedule=step: epochs at which the rate is multiplied...
+  c.optimizer.decay_factor = 0.1  # ...by this factor.
+  c.optimizer.label_smoothing = 0.0
+  c.optimizer.grad_clip_norm = 0.0  # 0: no clipping.
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.momentum = 0.9  # sgd only.
+  return c

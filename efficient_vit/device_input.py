@@ -1,0 +1,180 @@
+"""Device-resident input path for datasets that fit in accelerator memory (CIFAR).
+
+The train split is read from TFDS once, kept on the devices as uint8 and sharded over the
+`data` axis: each device holds 1/n of the examples. Every step, inside one jitted
+function, each device draws its share of the batch from its own examples in the order
+of a per-epoch random permutation and augments it (crop, flip, zoom, rotation, contrast,
+normalisation: the semantics of `input_pipeline._augment`), so the host does no
+per-step work and nothing crosses the host-device link.
+
+Everything random is a function of (seed, device, step), so a resumed run draws the same
+batches as one that never stopped. Examples are split over devices once, so an epoch
+permutes each device's examples rather than the whole split.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from efficient_vit import input_pipeline
+
+AXIS = "data"
+# A split may take at most this fraction of one device's memory.
+_MAX_MEMORY_FRACTION = 0.25
+_MAX_BYTES_WITHOUT_MEMORY_STATS = 4 << 30
+
+
+def split_bytes(config) -> int | None:
+  """uint8 bytes of the train split, or None when its images differ in size."""
+  shape = input_pipeline._builder(config).info.features["image"].shape
+  if any(d is None for d in shape):
+    return None
+  num = input_pipeline._num_examples(config, config.train_split)
+  return int(num * np.prod(shape))
+
+
+def unsupported_reason(config) -> str | None:
+  """Why the device path cannot take `config`, or None if it can."""
+  if config.augment.crop == "inception":
+    return "augment.crop='inception' (random-resized crops of ImageNet-sized images)"
+  size = split_bytes(config)
+  if size is None:
+    return f"the images of {config.dataset!r} differ in size"
+  stats = jax.local_devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  budget = (limit * _MAX_MEMORY_FRACTION if limit else _MAX_BYTES_WITHOUT_MEMORY_STATS)
+  per_device = size / jax.local_device_count()
+  if per_device > budget:
+    return (f"its {per_device / 2**30:.1f} GiB per device exceed {budget / 2**30:.1f} GiB "
+            f"({_MAX_MEMORY_FRACTION:.0%} of device memory)")
+  return None
+
+
+def resolve(config) -> str:
+  """The pipeline `config.input_pipeline` asks for: `auto` is `device` where it fits."""
+  if config.input_pipeline == "tfdata":
+    return "tfdata"
+  reason = unsupported_reason(config)
+  if config.input_pipeline == "device" and reason:
+    raise ValueError(f"config.input_pipeline='device' cannot take this run: {reason}; "
+                     "use input_pipeline='tfdata' (or 'auto').")
+  return "tfdata" if reason else "device"
+
+
+def _resize(image: jax.Array, size: int) -> jax.Array:
+  if image.shape[0] == size and image.shape[1] == size:
+    return image
+  return jax.image.resize(image, (size, size, image.shape[-1]), "bilinear", antialias=True)
+
+
+def _random_crop(image: jax.Array, size: int, key: jax.Array) -> jax.Array:
+  top, left = jax.random.randint(key, (2,), 0, jnp.array(image.shape[:2]) - size + 1)
+  return jax.lax.dynamic_slice(image, (top, left, 0), (size, size, image.shape[-1]))
+
+
+def _zoom_and_rotate(image: jax.Array, key: jax.Array, zoom: float, rotation: float):
+  """As `input_pipeline._zoom_and_rotate`."""
+  k_scale, k_angle = jax.random.split(key)
+  scale = jax.random.uniform(k_scale, (), minval=1.0 - zoom, maxval=1.0 + zoom)
+  angle = jax.random.uniform(k_angle, (), minval=-rotation, maxval=rotation) * 2 * jnp.pi
+  return affine_transform(image, scale, angle)
+
+
+def affine_transform(image: jax.Array, scale, angle) -> jax.Array:
+  """As `input_pipeline.affine_transform`: output pixel p reads input c + s R (p - c),
+  bilinear, reflecting at the borders."""
+  h, w = image.shape[:2]
+  y, x = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                      indexing="ij")
+  cy, cx = (h - 1) / 2, (w - 1) / 2
+  src_x = cx + scale * (jnp.cos(angle) * (x - cx) - jnp.sin(angle) * (y - cy))
+  src_y = cy + scale * (jnp.sin(angle) * (x - cx) + jnp.cos(angle) * (y - cy))
+  sample = functools.partial(jax.scipy.ndimage.map_coordinates, coordinates=[src_y, src_x],
+                             order=1, mode="reflect")
+  return jnp.stack([sample(image[..., c]) for c in range(image.shape[-1])], axis=-1)
+
+
+def augment(config, image: jax.Array, key: jax.Array) -> jax.Array:
+  """One uint8 image [h, w, c] -> float32 [size, size, c], as the tf.data path does."""
+  size, aug = config.image_size, config.augment
+  k_crop, k_flip, k_affine, k_contrast = jax.random.split(key, 4)
+  image = _resize(image.astype(jnp.float32), size)
+  if aug.crop == "pad":
+    pad = aug.crop_padding
+    image = _random_crop(jnp.pad(image, ((pad, pad), (pad, pad), (0, 0))), size, k_crop)
+  elif aug.crop == "resize":
+    image = _random_crop(_resize(image, aug.resize_size if aug.resize_size > 0 else size),
+                         size, k_crop)
+  if aug.flip:
+    image = jnp.where(jax.random.bernoulli(k_flip), image[:, ::-1], image)
+  if aug.zoom or aug.rotation:
+    image = _zoom_and_rotate(image, k_affine, aug.zoom, aug.rotation)
+  if aug.contrast:
+    factor = jax.random.uniform(k_contrast, (), minval=1 - aug.contrast, maxval=1 + aug.contrast)
+    mean = image.mean(axis=(0, 1), keepdims=True)
+    image = (image - mean) * factor + mean
+  image = jnp.clip(image, 0.0, 255.0) / 255.0
+  mean, std = input_pipeline._NORMALISATION.get(config.dataset,
+                                                input_pipeline._IMAGENET_NORMALISATION)
+  return (image - jnp.asarray(mean)) / jnp.asarray(std)
+
+
+class DeviceDataset:
+  """The train split on the devices; `batch(step)` is the global batch of that step.
+
+  `mesh` is the 1-D `data` mesh the batch is sharded over (all devices for shard_map,
+  the local ones for pmap; `stacked=True` then gives [devices, batch / devices, ...]).
+  """
+
+  def __init__(self, config, mesh: Mesh, stacked: bool = False):
+    split = tfds.split_for_jax_process(config.train_split)
+    ds = input_pipeline._as_dataset(config, split, shuffle_files=False)
+    chunks = list(tfds.as_numpy(ds.map(lambda ex: (ex["image"], ex["label"])).batch(4096)))
+    images = np.concatenate([c[0] for c in chunks])
+    labels = np.concatenate([c[1] for c in chunks]).astype(np.int32)
+    local = jax.local_device_count()
+    keep = len(labels) // local * local  # An equal share per device: drops < local examples.
+    sharding = NamedSharding(mesh, P(AXIS))
+    self.images = jax.make_array_from_process_local_data(sharding, images[:keep])
+    self.labels = jax.make_array_from_process_local_data(sharding, labels[:keep])
+    self.examples_per_device = keep // local
+    per_device_batch = config.batch_size // mesh.size
+    if config.batch_size % mesh.size:
+      raise ValueError(f"batch_size={config.batch_size} must be a multiple of the number of "
+                       f"devices ({mesh.size})")
+    base_key = jax.random.fold_in(jax.random.key(config.seed), 0x1D)
+
+    def draw(images, labels, step):
+      """This device's share of step `step`'s batch."""
+      n = images.shape[0]
+      device = jax.lax.axis_index(AXIS)
+      key = jax.random.fold_in(base_key, device)
+      first = step.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+      position = first * per_device_batch + jnp.arange(per_device_batch)
+      epoch, index = position // n, position % n
+      start_epoch = (first * per_device_batch) // n
+      # A batch spans at most ceil(batch / n) + 1 epochs; permute each of them.
+      spans = math.ceil(per_device_batch / n) + 1
+      orders = jnp.stack([jax.random.permutation(jax.random.fold_in(key, start_epoch + e), n)
+                          for e in range(spans)])
+      chosen = orders[epoch - start_epoch, index]
+      example_keys = jax.vmap(lambda p: jax.random.fold_in(jax.random.fold_in(key, 1), p))(
+          position)
+      batch = {"image": jax.vmap(functools.partial(augment, config))(images[chosen],
+                                                                    example_keys),
+               "label": labels[chosen]}
+      return jax.tree.map(lambda x: x[None], batch) if stacked else batch
+
+    self._draw = jax.jit(jax.shard_map(draw, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P()),
+                                       out_specs=P(AXIS), check_vma=False))
+
+  def batch(self, step: int) -> dict:
+    return self._draw(self.images, self.labels, jnp.asarray(step, jnp.int32))

@@ -1,0 +1,274 @@
+"""TFDS + tf.data input pipelines for image classification.
+
+Train: the split is read in a fixed order, shuffled with a seeded buffer that reshuffles
+every epoch, repeated, augmented with stateless random ops keyed by (seed, example
+counter), batched per host and prefetched. Everything random is a function of the seed
+and the example's position in the stream, so `train_batches(config, start_step=s)`
+yields exactly the batches a run that never stopped would have seen from step s on.
+
+Eval: the whole split exactly once. Each host reads its even share, batches are padded
+to full size and carry a `mask` (1 = real example), and every host yields the same number
+of batches, so collectives line up and no example is dropped or counted twice.
+
+Batches are dicts of numpy arrays: `image` float32 [batch, H, W, C] (normalised),
+`label` int32 [batch] and, for eval, `mask` float32 [batch].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import socket
+import urllib.parse
+from typing import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+# TensorFlow only feeds the pipeline: keep it off any accelerator so it never takes
+# memory from JAX.
+tf.config.set_visible_devices([], "GPU")
+
+# Per-channel mean and std of the training pixels in [0, 1]; other datasets use ImageNet's.
+_NORMALISATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+_IMAGENET_NORMALISATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CROPS = ("none", "pad", "resize", "inception")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+
+
+def _host_unreachable(url: str, timeout: float = 5.0) -> str | None:
+  """The host of `url` if a TCP connection to it fails within `timeout` seconds, else None."""
+  host = urllib.parse.urlparse(url).hostname
+  if not host:
+    return None
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+    return None
+  except OSError:
+    return host
+
+
+def _builder(config) -> tfds.core.DatasetBuilder:
+  try:
+    return tfds.builder(config.dataset, data_dir=config.data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"config.dataset={config.dataset!r} is not a TFDS dataset "
+                     "(for example cifar10, cifar100, imagenet2012, tf_flowers)") from e
+
+
+def _as_dataset(config, split, **kwargs) -> tf.data.Dataset:
+  """`builder.as_dataset`, preparing the dataset first if it is missing and may be fetched.
+
+  A missing dataset whose download host cannot be reached is a clear error at once,
+  rather than TFDS's minutes of download retries.
+  """
+  builder = _builder(config)
+  try:
+    return builder.as_dataset(split=split, **kwargs)
+  except AssertionError as e:  # TFDS's "could not find data in ..." for unprepared data.
+    where = config.data_dir or "the TFDS default data_dir (TFDS_DATA_DIR)"
+    if not config.download:
+      raise FileNotFoundError(
+          f"config.dataset={config.dataset!r} is not prepared in {where} and "
+          "config.download=False. Point TFDS_DATA_DIR or --config.data_dir at a prepared "
+          "copy, or allow the download.") from e
+    host = _host_unreachable(builder.info.homepage or "")
+    if host:
+      raise FileNotFoundError(
+          f"config.dataset={config.dataset!r} is not prepared in {where}, and {host} cannot "
+          "be reached to download it. Point TFDS_DATA_DIR or --config.data_dir at a prepared "
+          "copy.") from e
+    logging.info("Preparing %s in %s (download).", config.dataset, where)
+    builder.download_and_prepare()
+    return builder.as_dataset(split=split, **kwargs)
+
+
+def _num_examples(config, split) -> int:
+  try:
+    return _builder(config).info.splits[split].num_examples
+  except KeyError:  # Split sizes unknown (tfds.testing.mock_data): count them.
+    return int(_as_dataset(config, split).reduce(0, lambda n, _: n + 1))
+
+
+def dataset_info(config) -> DatasetInfo:
+  features = _builder(config).info.features
+  for name in ("image", "label"):
+    if name not in features:
+      raise ValueError(f"config.dataset={config.dataset!r} has no {name!r} feature; "
+                       "an image-classification dataset with 'image' and 'label' is needed")
+  return DatasetInfo(num_classes=features["label"].num_classes,
+                     num_train_examples=_num_examples(config, config.train_split),
+                     num_eval_examples=_num_examples(config, config.eval_split))
+
+
+def per_host_batch_size(batch_size: int) -> int:
+  """The global batch split over hosts; it must divide evenly over every local device."""
+  hosts, local = jax.process_count(), jax.local_device_count()
+  if batch_size % (hosts * local):
+    raise ValueError(f"batch_size={batch_size} must be a multiple of the number of devices "
+                     f"({hosts} hosts x {local} local devices)")
+  return batch_size // hosts
+
+
+def _normalise(config, image: tf.Tensor) -> tf.Tensor:
+  mean, std = _NORMALISATION.get(config.dataset, _IMAGENET_NORMALISATION)
+  image = tf.cast(image, tf.float32) / 255.0
+  return (image - tf.constant(mean)) / tf.constant(std)
+
+
+def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
+  return tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+
+
+def _zoom_and_rotate(image: tf.Tensor, seed: tf.Tensor, zoom: float, rotation: float):
+  """Random zoom by a factor in [1 - zoom, 1 + zoom] and rotation by up to rotation * 2 pi
+  (the Keras RandomZoom/RandomRotation factors)."""
+  scale = tf.random.stateless_uniform((), seed, 1.0 - zoom, 1.0 + zoom)
+  angle = tf.random.stateless_uniform((), seed + 1, -rotation, rotation) * 2.0 * math.pi
+  return affine_transform(image, scale, angle)
+
+
+def affine_transform(image: tf.Tensor, scale, angle) -> tf.Tensor:
+  """Output pixel p reads input pixel c + scale * R(angle) (p - c), c the centre:
+  bilinear, reflecting at the borders."""
+  h, w = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
+  cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
+  a0, a1 = scale * tf.cos(angle), -scale * tf.sin(angle)
+  b0, b1 = scale * tf.sin(angle), scale * tf.cos(angle)
+  transform = tf.stack([a0, a1, cx - a0 * cx - a1 * cy, b0, b1, cy - b0 * cx - b1 * cy, 0.0, 0.0])
+  return tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
+      fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")[0]
+
+
+def _augment(config, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """Train-time augmentation of one uint8 image [h, w, c] -> float32 [size, size, c]."""
+  size, aug = config.image_size, config.augment
+  image = tf.cast(image, tf.float32)
+  seeds = tf.random.experimental.stateless_split(seed, 5)
+  if aug.crop == "inception":
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros((1, 0, 4)), seeds[0], area_range=(0.08, 1.0),
+        aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0.0,
+        use_image_if_no_bounding_boxes=True)
+    image = _resize(tf.slice(image, begin, crop_size), size)
+  else:
+    image = _resize(image, size)
+    if aug.crop == "pad":
+      pad = aug.crop_padding
+      image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+      image = tf.image.stateless_random_crop(image, (size, size, image.shape[-1]), seeds[0])
+    elif aug.crop == "resize":
+      image = _resize(image, aug.resize_size if aug.resize_size > 0 else size)
+      image = tf.image.stateless_random_crop(image, (size, size, image.shape[-1]), seeds[0])
+  if aug.flip:
+    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+  if aug.zoom or aug.rotation:
+    image = _zoom_and_rotate(image, seeds[2], aug.zoom, aug.rotation)
+  if aug.contrast:
+    image = tf.image.stateless_random_contrast(image, 1.0 - aug.contrast, 1.0 + aug.contrast,
+                                               seeds[3])
+  return _normalise(config, tf.clip_by_value(image, 0.0, 255.0))
+
+
+def _eval_preprocess(config, image: tf.Tensor) -> tf.Tensor:
+  """uint8 [h, w, c] -> float32 [size, size, c]: resize, or for `inception` crops the
+  usual resize to size / 0.875 and central crop."""
+  image = tf.cast(image, tf.float32)
+  size = config.image_size
+  if config.augment.crop == "inception":
+    image = _resize(image, int(round(size / 0.875)))
+    image = tf.image.central_crop(image, size / int(round(size / 0.875)))
+  image = _resize(image, size)
+  return _normalise(config, image)
+
+
+def _decoder(config):
+  image_feature = _builder(config).info.features["image"]
+  return lambda example: (image_feature.decode_example(example["image"]), example["label"])
+
+
+def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Endless per-host training batches, starting at global step `start_step`."""
+  if config.augment.crop not in CROPS:
+    raise ValueError(f"config.augment.crop={config.augment.crop!r}; allowed: {', '.join(CROPS)}")
+  batch = per_host_batch_size(config.batch_size)
+  split = tfds.split_for_jax_process(config.train_split)
+  ds = _as_dataset(config, split, shuffle_files=False,
+                   decoders={"image": tfds.decode.SkipDecoding()})
+  num_examples = int(ds.cardinality()) if ds.cardinality() > 0 else config.shuffle_buffer
+  ds = ds.shuffle(min(config.shuffle_buffer, num_examples), seed=config.seed,
+                  reshuffle_each_iteration=True)
+  ds = ds.repeat().enumerate()
+  # Skipping happens before decoding, so resuming costs reading, not decoding, the past.
+  ds = ds.skip(start_step * batch)
+  decode = _decoder(config)
+  base_seed = tf.constant([config.seed, jax.process_index()], tf.int64)
+
+  def preprocess(index, example):
+    image, label = decode(example)
+    seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+    return {"image": _augment(config, image, seed), "label": tf.cast(label, tf.int32)}
+
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  yield from tfds.as_numpy(ds)
+
+
+class EvalSplit:
+  """The eval split as padded, masked per-host batches (see the module docstring).
+
+  Built once and iterated once per evaluation, so that TFDS is asked for the split only at
+  start-up.
+  """
+
+  def __init__(self, config):
+    self.batch = per_host_batch_size(config.eval_batch_size if config.eval_batch_size > 0
+                                     else config.batch_size)
+    hosts = jax.process_count()
+    self.num_examples = _num_examples(config, config.eval_split)
+    self.num_batches = math.ceil(math.ceil(self.num_examples / hosts) / self.batch)
+    split = tfds.even_splits(config.eval_split, n=hosts,
+                             drop_remainder=False)[jax.process_index()]
+    decode = _decoder(config)
+
+    def preprocess(example):
+      image, label = decode(example)
+      return {"image": _eval_preprocess(config, image), "label": tf.cast(label, tf.int32),
+              "mask": tf.ones((), tf.float32)}
+
+    ds = _as_dataset(config, split, shuffle_files=False,
+                     decoders={"image": tfds.decode.SkipDecoding()})
+    self._dataset = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).batch(
+        self.batch).prefetch(tf.data.AUTOTUNE)
+    self._image_shape = (config.image_size, config.image_size,
+                         self._dataset.element_spec["image"].shape[-1])
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    produced = 0
+    for real in tfds.as_numpy(self._dataset):
+      pad = self.batch - len(real["label"])
+      yield {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+             for k, v in real.items()}
+      produced += 1
+    for _ in range(produced, self.num_batches):  # Hosts with fewer examples keep collectives
+      yield {"image": np.zeros((self.batch,) + self._image_shape, np.float32),  # aligned.
+             "label": np.zeros((self.batch,), np.int32),
+             "mask": np.zeros((self.batch,), np.float32)}
+
+
+def eval_batches(config) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the eval split in padded, masked per-host batches."""
+  return iter(EvalSplit(config))

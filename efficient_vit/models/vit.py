@@ -1,0 +1,90 @@
+"""ViT: full N x N self-attention over image patches, the baseline every efficient variant
+is measured against (Dosovitskiy et al. 2021, arXiv 2010.11929).
+
+images [batch, H, W, C] -> patches [batch, N, dim] (+ learned position embedding)
+-> `depth` pre-norm blocks of multi-head self-attention and MLP -> LayerNorm
+-> pooled [batch, dim] (class token, GAP, or the Keras example's flatten)
+-> optional MLP head -> logits [batch, num_classes].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efficient_vit import layers
+
+POOLINGS = ("cls", "gap", "flatten")
+
+
+class ViT(nn.Module):
+  """Vision Transformer.
+
+  Attributes:
+    num_classes: output classes.
+    patch_size: side of the square patches.
+    hidden_dim: token width.
+    depth: number of encoder blocks.
+    num_heads: attention heads.
+    mlp_dim: hidden width of each block's MLP.
+    head_dim: per-head width of q/k/v (None: hidden_dim // num_heads; the Keras example
+      uses hidden_dim, i.e. `key_dim=projection_dim`).
+    pooling: `cls` (class token), `gap` (mean over tokens) or `flatten` (all tokens
+      concatenated, the Keras example).
+    head_hidden_dims: widths of an MLP between the pooled features and the classifier
+      (the Keras example's [2048, 1024]); empty for the plain linear head.
+    mlp_activate_last: GELU after the second layer of each block's MLP too (Keras example).
+    dropout_rate, attention_dropout_rate, drop_path_rate, head_dropout_rate: regularisers.
+  """
+
+  num_classes: int
+  patch_size: int = 16
+  hidden_dim: int = 384
+  depth: int = 12
+  num_heads: int = 6
+  mlp_dim: int = 1536
+  head_dim: int | None = None
+  pooling: str = "cls"
+  head_hidden_dims: Sequence[int] = ()
+  mlp_activate_last: bool = False
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  head_dropout_rate: float = 0.0
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"model.pooling={self.pooling!r}; allowed: {', '.join(POOLINGS)}")
+    x = layers.PatchEmbedding(self.patch_size, self.hidden_dim, dtype=self.dtype,
+                              name="patch_embedding")(images.astype(self.dtype))
+    if self.pooling == "cls":
+      x = layers.ClassToken(name="class_token")(x)
+    x = layers.LearnedPositionEmbedding(name="position_embedding")(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    attention = functools.partial(layers.MultiHeadAttention, num_heads=self.num_heads,
+                                  head_dim=self.head_dim,
+                                  attention_dropout_rate=self.attention_dropout_rate,
+                                  dtype=self.dtype)
+    x = layers.Encoder(self.depth, self.mlp_dim, attention,
+                       mlp_activate_last=self.mlp_activate_last,
+                       dropout_rate=self.dropout_rate, drop_path_rate=self.drop_path_rate,
+                       dtype=self.dtype, name="encoder")(x, train=train)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")(x)
+    if self.pooling == "cls":
+      x = x[:, 0]
+    elif self.pooling == "gap":
+      x = x.mean(axis=1)
+    else:
+      x = x.reshape(x.shape[0], -1)
+    if self.head_hidden_dims:
+      x = nn.Dropout(self.head_dropout_rate)(x, deterministic=not train)
+      x = layers.Mlp(tuple(self.head_hidden_dims), activate_last=True,
+                     dropout_rate=self.head_dropout_rate, dtype=self.dtype,
+                     name="head_mlp")(x, train=train)
+    return layers.classifier(x, self.num_classes, self.dtype)

@@ -1,0 +1,57 @@
+"""Optimisers and learning-rate schedules built from `config.optimizer`."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+OPTIMIZERS = ("adamw", "lamb", "sgd")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def learning_rate_schedule(opt, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to the peak rate, then cosine decay to 0, steps down by
+  `decay_factor` at each of `decay_epochs`, or the constant peak rate."""
+  if opt.schedule not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule={opt.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+  warmup = int(opt.warmup_steps + round(opt.warmup_epochs * steps_per_epoch))
+  if warmup >= total_steps and total_steps > 0 and warmup > 0:
+    raise ValueError(f"optimizer warmup ({warmup} steps) must be shorter than the run "
+                     f"({total_steps} steps)")
+  peak = opt.learning_rate
+  if opt.schedule == "cosine":
+    after = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
+  elif opt.schedule == "step":
+    boundaries = {int(round(e * steps_per_epoch)) - warmup: opt.decay_factor
+                  for e in opt.decay_epochs}
+    after = optax.piecewise_constant_schedule(peak, boundaries)
+  else:
+    after = optax.constant_schedule(peak)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on weight matrices and kernels only, not on biases, norms or scalars."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(opt, steps_per_epoch: int,
+                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer of `config.optimizer` and its learning-rate schedule."""
+  schedule = learning_rate_schedule(opt, steps_per_epoch, total_steps)
+  if opt.name == "adamw":
+    tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
+                     mask=_decay_mask)
+  elif opt.name == "lamb":
+    tx = optax.lamb(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
+                    mask=_decay_mask)
+  elif opt.name == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask),
+                     optax.sgd(schedule, momentum=opt.momentum, nesterov=True))
+  else:
+    raise ValueError(f"optimizer.name={opt.name!r}; allowed: {', '.join(OPTIMIZERS)}")
+  if opt.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+  return tx, schedule

@@ -1,0 +1,73 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import vit as vit_config
+from efficient_vit import cost
+from efficient_vit.models import build_model
+
+
+@pytest.mark.parametrize("pooling", ["cls", "gap", "flatten"])
+def test_forward_shapes(pooling):
+  model = build_model(dict(name="vit", patch_size=4, hidden_dim=32, depth=2, num_heads=4,
+                           mlp_dim=64, pooling=pooling, head_hidden_dims=(16,)), num_classes=7)
+  images = jnp.ones((3, 16, 16, 3))
+  variables = model.init(jax.random.key(0), images)
+  logits = model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(1)})
+  assert logits.shape == (3, 7) and logits.dtype == jnp.float32
+  tokens = 16 + (pooling == "cls")
+  pos = variables["params"]["position_embedding"]["embedding"]
+  assert pos.shape == (1, tokens, 32)
+
+
+def test_attention_weights_are_extractable_and_normalised():
+  model = build_model(dict(name="vit", patch_size=4, hidden_dim=32, depth=2, num_heads=4,
+                           mlp_dim=64), num_classes=3)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  variables = model.init(jax.random.key(0), images)
+  logits, inter = model.apply(variables, images, mutable=["intermediates"])
+  weights = inter["intermediates"]["encoder"]["block_1"]["attention"]["attention_weights"][0]
+  assert weights.shape == (2, 4, 17, 17)
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+  # The explicit path (used for extraction) and the fused one compute the same function.
+  np.testing.assert_allclose(logits, model.apply(variables, images), rtol=1e-4, atol=1e-5)
+
+
+def test_vit_s16_parameter_count():
+  # ViT-S/16 (DeiT-S): 22.05M parameters with 1,000 classes.
+  config = vit_config.get_config("s16_imagenet")
+  model = build_model(config.model, num_classes=1000)
+  n = cost.count_params(cost.abstract_params(model, (1, 224, 224, 3)))
+  assert abs(n - 22_050_664) / 22_050_664 < 1e-6
+
+
+def test_keras_preset_builds_with_the_example_shape():
+  config = vit_config.get_config()
+  model = build_model(config.model, num_classes=100)
+  params = cost.abstract_params(model, (1, 72, 72, 3))
+  assert params["position_embedding"]["embedding"].shape == (1, 144, 64)
+  assert params["head_mlp"]["Dense_0"]["kernel"].shape == (144 * 64, 2048)
+
+
+def test_bad_fields_get_clear_errors():
+  with pytest.raises(ValueError, match="model.name='vitt'; allowed: .*vit"):
+    build_model(dict(name="vitt"), 10)
+  with pytest.raises(ValueError, match="model.patchsize is not a field of model 'vit'"):
+    build_model(dict(name="vit", patchsize=4), 10)
+  model = build_model(dict(name="vit", patch_size=5, hidden_dim=8, depth=1, num_heads=2,
+                           mlp_dim=8), 10)
+  with pytest.raises(ValueError, match="not a multiple of patch_size=5"):
+    model.init(jax.random.key(0), jnp.ones((1, 16, 16, 3)))
+  with pytest.raises(ValueError, match="preset 'nope'"):
+    vit_config.get_config("nope")
+
+
+def test_extract_attention_lists_every_block():
+  from efficient_vit.attention_maps import extract_attention
+  model = build_model(dict(name="vit", patch_size=4, hidden_dim=16, depth=3, num_heads=2,
+                           mlp_dim=16, pooling="gap"), num_classes=3)
+  images = jnp.ones((1, 8, 8, 3))
+  maps = extract_attention(model, model.init(jax.random.key(0), images), images)
+  assert sorted(maps) == [f"encoder/block_{i}/attention" for i in range(3)]
+  assert all(m.shape == (1, 2, 4, 4) for m in maps.values())
