@@ -32,9 +32,18 @@ def learning_rate_schedule(opt, steps_per_epoch: int, total_steps: int) -> optax
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+# Parameters that are tables rather than weights: decaying them towards zero has no
+# regularising meaning (position embeddings, class tokens, Swin's relative bias table).
+_NO_DECAY_NAMES = ("embedding", "token", "relative_position_bias_table")
+
+
 def _decay_mask(params):
-  """Weight decay on weight matrices and kernels only, not on biases, norms or scalars."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """Weight decay on weight matrices and kernels only: not on biases, norms, scalars or the
+  tables named in `_NO_DECAY_NAMES`."""
+  def decays(path, p):
+    names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+    return p.ndim > 1 and not names & set(_NO_DECAY_NAMES)
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(opt, steps_per_epoch: int,

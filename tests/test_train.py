@@ -151,10 +151,14 @@ def test_eval_counts_every_example_exactly_once(tiny_vit_config, num_examples,
     expected = np.array([ex["label"] for ex in tfds.as_numpy(tfds.load(
         "cifar10", split="test", shuffle_files=False))])
     np.testing.assert_array_equal(labels, expected)
-    tiny_vit_config.num_train_steps = 1
-    metrics = train.train_and_evaluate(tiny_vit_config, f"/tmp/evalcount_{os.getpid()}"
-                                       f"_{num_examples}_{eval_batch_size}")
-  assert metrics["num_examples"] == num_examples
+
+
+def test_training_eval_reports_the_split_size(tiny_vit_config, tmp_path):
+  tiny_vit_config.update(eval_batch_size=6, num_train_steps=1)
+  with tfds.testing.mock_data(num_examples=23):
+    metrics = train.train_and_evaluate(tiny_vit_config, tmp_path)
+  assert metrics["num_examples"] == 23
+  assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
 
 
 def test_train_batches_resume_at_the_same_position(tiny_vit_config):
@@ -255,3 +259,14 @@ def test_launch_end_to_end_and_resume(tmp_path):
   assert "resumed from step 4" in run.stdout
   steps = [r["step"] for r in read_metrics(tmp_path) if r["split"] == "train"]
   assert steps == [2, 4, 6]
+
+
+def test_weight_decay_spares_biases_norms_and_tables():
+  params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
+            "norm": {"scale": jnp.ones(4)},
+            "position_embedding": {"embedding": jnp.ones((1, 5, 4))},
+            "attention": {"relative_position_bias_table": jnp.ones((9, 2))}}
+  mask = optim._decay_mask(params)
+  assert mask == {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False},
+                  "position_embedding": {"embedding": False},
+                  "attention": {"relative_position_bias_table": False}}
