@@ -1,0 +1,393 @@
+"""MobileViT: MobileNetV2 convolutions with transformers as convolutions (Mehta & Rastegari
+2021, "MobileViT: Light-weight, General-purpose, and Mobile-friendly Vision Transformer",
+arXiv 2110.02178; official code apple/ml-cvnets).
+
+images [batch, H, W, 3] -> 3x3 stem conv (stride 2) -> MV2 stages (MobileNetV2 inverted
+residual blocks) -> MobileViT stages (a strided MV2 block, then a MobileViT block)
+-> 1x1 conv to `last_channels` -> global average pool -> logits [batch, num_classes].
+
+The MobileViT block [batch, h, w, C] -> [batch, h, w, C]: a 3x3 and a 1x1 conv (local
+features, width d), `unfold` into p x p patches ([batch, P, N, d] with P = p^2 pixel positions
+per patch and N = hw / P patches), a transformer over the N patches for each of the P pixel
+positions separately, `fold` back to [batch, h, w, d], a 1x1 conv back to C, concatenation
+with the block input and a 3x3 fusion conv.
+
+Batch norm is part of the architecture: the convolutions' statistics live in the
+`batch_stats` collection. Train with `model.apply(variables, x, train=True,
+mutable=['batch_stats'])`; eval (`train=False`) uses the stored running averages.
+
+Two variants of the same layout (`variant`):
+  paper - ml-cvnets: convolutions without bias, each followed by batch norm (the 1x1 conv
+      into the transformer has neither norm nor activation); 4 heads of width d / 4;
+      FFN Dense-swish-Dense; a LayerNorm after each block's transformer stack; the
+      MobileViT block returns C channels.
+  keras - the Keras example "MobileViT: A mobile-friendly Transformer-based model for image
+      classification" (Sayak Paul, 2021): the stem and the MobileViT block convolutions have
+      biases and swish but no batch norm (only the MV2 blocks have it), 2 heads each of the
+      full width d (Keras `key_dim=projection_dim`), swish after both FFN layers, no
+      LayerNorm after the stack, and the fusion conv outputs d channels (so the next stage
+      starts from d). Its unfolding is a plain reshape and its Keras attention then runs
+      over all h*w positions at once; this implementation keeps the paper's unfold
+      (attention over the N patches per pixel position) for both variants, which changes the
+      compute but not the parameters.
+
+Attention weights are sown by `layers.MultiHeadAttention` with the family's natural shape
+[batch * P, heads, N, N]: one N x N map per image and pixel position within the patch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efficient_vit import layers
+
+VARIANTS = ("paper", "keras")
+
+# He-normal over fan-out, the convolution init of ml-cvnets (kaiming_normal, mode fan_out).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+  """Rounds a channel count to the nearest multiple of `divisor`, never below 90% of it
+  (the MobileNetV2 rule that ml-cvnets applies to the expanded width)."""
+  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def unfold(x: jax.Array, patch_size: int) -> jax.Array:
+  """Cuts a feature map into non-overlapping p x p patches, grouped by pixel position.
+
+  [batch, H, W, C] -> [batch, P, N, C] with P = p * p (the position inside a patch, row
+  major) and N = (H / p) * (W / p) (the patch, row major). H and W must be multiples of p.
+  """
+  b, h, w, c = x.shape
+  p = patch_size
+  if h % p or w % p:
+    raise ValueError(f"feature map {h}x{w} is not a multiple of patch_size={p}")
+  x = x.reshape(b, h // p, p, w // p, p, c)          # [b, nh, ph, nw, pw, c]
+  x = x.transpose(0, 2, 4, 1, 3, 5)                  # [b, ph, pw, nh, nw, c]
+  return x.reshape(b, p * p, (h // p) * (w // p), c)
+
+
+def fold(patches: jax.Array, height: int, width: int, patch_size: int) -> jax.Array:
+  """The exact inverse of `unfold`: [batch, P, N, C] -> [batch, height, width, C]."""
+  b, area, n, c = patches.shape
+  p = patch_size
+  if area != p * p or n * area != height * width or height % p or width % p:
+    raise ValueError(f"patches of shape {patches.shape} do not fold into a {height}x{width} "
+                     f"map with patch_size={p}")
+  x = patches.reshape(b, p, p, height // p, width // p, c)   # [b, ph, pw, nh, nw, c]
+  x = x.transpose(0, 3, 1, 4, 2, 5)                          # [b, nh, ph, nw, pw, c]
+  return x.reshape(b, height, width, c)
+
+
+class DepthwiseConv(nn.Module):
+  """k x k depthwise convolution, padding k // 2. [batch, H, W, C] -> [batch, H/s, W/s, C].
+
+  The kernel [k, k, 1, C] has the layout of flax's grouped `nn.Conv`, and the result is the
+  same; it is computed as k * k shifted multiply-adds because XLA's CPU grouped convolution
+  (and even more its gradient) measured 4-10x slower than that on these shapes.
+  """
+
+  kernel_size: int = 3
+  strides: int = 1
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, s = self.kernel_size, self.strides
+    _, h, w, c = x.shape
+    kernel = self.param("kernel", conv_init, (k, k, 1, c)).astype(self.dtype)
+    pad = k // 2
+    x = jnp.pad(x.astype(self.dtype), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out_h, out_w = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+    out = 0
+    for i in range(k):
+      for j in range(k):
+        window = x[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s, :]
+        out = out + window * kernel[i, j, 0]
+    return out
+
+
+class ConvBlock(nn.Module):
+  """A convolution, optionally followed by batch norm and swish. [b, H, W, C] -> [b, H/s, W/s, F].
+
+  Padding is k // 2 on every side (ml-cvnets). A 1x1 convolution is a Dense over channels
+  (same parameters; XLA's CPU matmul is 2-4x faster than its 1x1 convolution).
+  `depthwise` makes it a depthwise convolution (F = C).
+  """
+
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  depthwise: bool = False
+  use_bias: bool = False
+  use_norm: bool = True
+  use_activation: bool = True
+  norm_momentum: float = 0.9
+  norm_epsilon: float = 1e-5
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    pad = self.kernel_size // 2
+    if self.depthwise:
+      x = DepthwiseConv(self.kernel_size, self.strides, dtype=self.dtype, name="conv")(x)
+    elif self.kernel_size == 1 and self.strides == 1:
+      x = nn.Dense(self.features, use_bias=self.use_bias, kernel_init=conv_init,
+                   dtype=self.dtype, name="conv")(x)
+    else:
+      x = nn.Conv(self.features, (self.kernel_size,) * 2, strides=(self.strides,) * 2,
+                  padding=((pad, pad), (pad, pad)), use_bias=self.use_bias,
+                  kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
+    if self.use_norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=self.norm_momentum,
+                       epsilon=self.norm_epsilon, dtype=self.dtype, name="norm")(x)
+    return nn.swish(x) if self.use_activation else x
+
+
+class InvertedResidual(nn.Module):
+  """MobileNetV2 block: 1x1 expansion (BN, swish), 3x3 depthwise with the stride (BN, swish),
+  1x1 projection (BN, linear), plus the input when stride 1 keeps the shape.
+
+  [batch, H, W, C_in] -> [batch, H / stride, W / stride, out_channels]. The expansion conv is
+  left out when `expansion` is 1, as in MobileNetV2.
+  """
+
+  out_channels: int
+  expansion: int
+  strides: int = 1
+  norm_momentum: float = 0.9
+  norm_epsilon: float = 1e-5
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    conv = functools.partial(ConvBlock, norm_momentum=self.norm_momentum,
+                             norm_epsilon=self.norm_epsilon, dtype=self.dtype)
+    hidden = make_divisible(round(x.shape[-1] * self.expansion))
+    y = x
+    if self.expansion != 1:
+      y = conv(hidden, kernel_size=1, name="expand")(y, train=train)
+    y = conv(hidden, kernel_size=3, strides=self.strides, depthwise=True,
+             name="depthwise")(y, train=train)
+    y = conv(self.out_channels, kernel_size=1, use_activation=False,
+             name="project")(y, train=train)
+    if self.strides == 1 and x.shape[-1] == self.out_channels:
+      y = y + x
+    return y
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm transformer block with a swish FFN. [batch, tokens, dim] -> same.
+
+  paper: x + Dropout(MHA(LN(x))), then x + Dropout(Dense(swish(Dense(LN(x))))).
+  keras: x + MHA(LN(x)), then x + MLP(LN(x)) with swish and dropout after both Dense layers.
+  (layers.EncoderBlock has a fixed GELU MLP, hence this block.)
+  """
+
+  mlp_dim: int
+  num_heads: int
+  head_dim: int
+  variant: str = "paper"
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  layer_norm_epsilon: float = 1e-5
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    keras = self.variant == "keras"
+    norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_epsilon, dtype=self.dtype)
+    y = layers.MultiHeadAttention(self.num_heads, head_dim=self.head_dim,
+                                  attention_dropout_rate=self.attention_dropout_rate,
+                                  dtype=self.dtype, name="attention")(
+                                      norm(name="attention_norm")(x), train=train)
+    if not keras:
+      y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    x = x + y
+    y = layers.Mlp((self.mlp_dim, x.shape[-1]), activation=nn.swish, activate_last=keras,
+                   dropout_rate=self.dropout_rate if keras else 0.0, dtype=self.dtype,
+                   name="mlp")(norm(name="mlp_norm")(x), train=train)
+    if not keras:
+      y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    return x + y
+
+
+class MobileViTBlock(nn.Module):
+  """Local convs, a transformer over unfolded patches, fold, fuse with the input.
+
+  [batch, h, w, C] -> [batch, h, w, C] (paper) or [batch, h, w, dim] (keras).
+  With `resize_to_patches`, a map that the patch does not divide is resized (bilinear) up to
+  the next multiple before unfolding and back after folding, as ml-cvnets does; otherwise
+  such a map is a ValueError.
+  """
+
+  dim: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int = 2
+  variant: str = "paper"
+  resize_to_patches: bool = False
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  norm_momentum: float = 0.9
+  norm_epsilon: float = 1e-5
+  layer_norm_epsilon: float = 1e-5
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    b, h, w, channels = x.shape
+    p = self.patch_size
+    keras = self.variant == "keras"
+    # paper: BN after every conv but the 1x1 into the transformer; keras: bias + swish, no BN.
+    conv = functools.partial(ConvBlock, use_bias=keras, use_norm=not keras,
+                             norm_momentum=self.norm_momentum, norm_epsilon=self.norm_epsilon,
+                             dtype=self.dtype)
+    local = conv(self.dim if keras else channels, kernel_size=3, name="local_conv")(
+        x, train=train)
+    local = conv(self.dim, kernel_size=1, use_norm=False, use_activation=keras,
+                 name="to_transformer")(local, train=train)
+
+    ph, pw = -(-h // p) * p, -(-w // p) * p
+    if (ph, pw) != (h, w):
+      if not self.resize_to_patches:
+        raise ValueError(
+            f"a MobileViT block sees a {h}x{w} feature map, not a multiple of "
+            f"model.patch_size={p}; choose image_size so that every MobileViT stage's map is a "
+            f"multiple of the patch, or set model.resize_to_patches=True (the paper's resize)")
+      local = jax.image.resize(local, (b, ph, pw, self.dim), "bilinear", antialias=False)
+
+    patches = unfold(local, p)                                     # [b, P, N, d]
+    tokens = patches.reshape(b * p * p, -1, self.dim)              # one sequence per position
+    for i in range(self.depth):
+      tokens = TransformerBlock(self.mlp_dim, self.num_heads,
+                                self.dim if keras else self.dim // self.num_heads,
+                                variant=self.variant, dropout_rate=self.dropout_rate,
+                                attention_dropout_rate=self.attention_dropout_rate,
+                                layer_norm_epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                                name=f"transformer_{i}")(tokens, train=train)
+    if not keras:
+      tokens = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                            name="transformer_norm")(tokens)
+    y = fold(tokens.reshape(patches.shape), ph, pw, p)             # [b, h', w', d]
+    if (ph, pw) != (h, w):
+      y = jax.image.resize(y, (b, h, w, self.dim), "bilinear", antialias=False)
+
+    y = conv(channels, kernel_size=1, name="from_transformer")(y, train=train)
+    y = jnp.concatenate([x, y], axis=-1)
+    return conv(self.dim if keras else channels, kernel_size=3, name="fusion")(y, train=train)
+
+
+class MobileViT(nn.Module):
+  """MobileViT classifier.
+
+  Attributes:
+    num_classes: output classes.
+    variant: `paper` (ml-cvnets) or `keras` (the Keras example); see the module docstring.
+    stem_channels: width of the 3x3 stem conv.
+    stage_channels: output width of each stage: first the MV2 stages, then the MobileViT
+      stages (XXS: 16, 24, 48, 64, 80).
+    strides: stride of the stem, then of each stage (its first MV2 block); the paper's
+      (2, 1, 2, 2, 2, 2) reduces 256 to 8.
+    mv2_depths: MV2 blocks per MV2-only stage (paper: 1, 3).
+    expansion: MV2 expansion factor (XXS 2, XS and S 4).
+    transformer_dims: transformer width d of each MobileViT stage.
+    transformer_depths: transformer blocks of each MobileViT stage (paper: 2, 4, 3).
+    mlp_dims: FFN hidden width of each MobileViT stage (paper: 2d).
+    num_heads: attention heads (paper 4, of width d / 4; Keras 2, each of width d).
+    patch_size: side p of the unfolding patches (paper: 2).
+    resize_to_patches: resize maps that p does not divide (the paper's bilinear resize)
+      instead of raising a ValueError.
+    last_channels: width of the 1x1 conv before pooling (paper: min(4 * last stage, 960)).
+    dropout_rate: transformer dropout (paper: after attention and after the FFN; Keras:
+      after each FFN layer).
+    attention_dropout_rate: dropout on the attention weights.
+    head_dropout_rate: dropout before the classifier.
+  """
+
+  num_classes: int
+  variant: str = "paper"
+  stem_channels: int = 16
+  stage_channels: Sequence[int] = (16, 24, 48, 64, 80)
+  strides: Sequence[int] = (2, 1, 2, 2, 2, 2)
+  mv2_depths: Sequence[int] = (1, 3)
+  expansion: int = 2
+  transformer_dims: Sequence[int] = (64, 80, 96)
+  transformer_depths: Sequence[int] = (2, 4, 3)
+  mlp_dims: Sequence[int] = (128, 160, 192)
+  num_heads: int = 4
+  patch_size: int = 2
+  resize_to_patches: bool = False
+  last_channels: int = 320
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.0
+  head_dropout_rate: float = 0.1
+  dtype: layers.Dtype = jnp.float32
+
+  def _check(self) -> None:
+    if self.variant not in VARIANTS:
+      raise ValueError(f"model.variant={self.variant!r}; allowed: {', '.join(VARIANTS)}")
+    num_vit = len(self.transformer_dims)
+    if len(self.transformer_depths) != num_vit or len(self.mlp_dims) != num_vit:
+      raise ValueError("model.transformer_dims, model.transformer_depths and model.mlp_dims "
+                       f"must have one entry per MobileViT stage; got {self.transformer_dims}, "
+                       f"{self.transformer_depths}, {self.mlp_dims}")
+    num_stages = len(self.mv2_depths) + num_vit
+    if len(self.stage_channels) != num_stages:
+      raise ValueError(f"model.stage_channels needs {num_stages} entries (len(mv2_depths) + "
+                       f"len(transformer_dims)); got {self.stage_channels}")
+    if len(self.strides) != num_stages + 1 or any(s not in (1, 2) for s in self.strides):
+      raise ValueError(f"model.strides needs {num_stages + 1} entries (stem + stages), each "
+                       f"1 or 2; got {self.strides}")
+    if self.patch_size < 1:
+      raise ValueError(f"model.patch_size={self.patch_size}; allowed: a positive integer")
+    if self.variant == "paper":
+      for dim in self.transformer_dims:
+        if dim % self.num_heads:
+          raise ValueError(f"model.num_heads={self.num_heads} must divide every "
+                           f"model.transformer_dims entry; got {self.transformer_dims}")
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    self._check()
+    keras = self.variant == "keras"
+    # Keras layers' defaults (BN momentum 0.99, eps 1e-3; LN eps 1e-6) vs PyTorch's.
+    norm = dict(norm_momentum=0.99, norm_epsilon=1e-3) if keras else dict(
+        norm_momentum=0.9, norm_epsilon=1e-5)
+    layer_norm_epsilon = 1e-6 if keras else 1e-5
+
+    x = ConvBlock(self.stem_channels, kernel_size=3, strides=self.strides[0], use_bias=keras,
+                  use_norm=not keras, dtype=self.dtype, name="stem", **norm)(
+                      images.astype(self.dtype), train=train)
+    stage = 0
+    for depth in self.mv2_depths:
+      for j in range(depth):
+        x = InvertedResidual(self.stage_channels[stage], self.expansion,
+                             strides=self.strides[stage + 1] if j == 0 else 1, dtype=self.dtype,
+                             name=f"stage_{stage + 1}_mv2_{j}", **norm)(x, train=train)
+      stage += 1
+    for dim, depth, mlp_dim in zip(self.transformer_dims, self.transformer_depths,
+                                   self.mlp_dims):
+      x = InvertedResidual(self.stage_channels[stage], self.expansion,
+                           strides=self.strides[stage + 1], dtype=self.dtype,
+                           name=f"stage_{stage + 1}_mv2", **norm)(x, train=train)
+      x = MobileViTBlock(dim, depth, mlp_dim, self.num_heads, patch_size=self.patch_size,
+                         variant=self.variant, resize_to_patches=self.resize_to_patches,
+                         dropout_rate=self.dropout_rate,
+                         attention_dropout_rate=self.attention_dropout_rate,
+                         layer_norm_epsilon=layer_norm_epsilon, dtype=self.dtype,
+                         name=f"stage_{stage + 1}_mobilevit", **norm)(x, train=train)
+      stage += 1
+    x = ConvBlock(self.last_channels, kernel_size=1, use_bias=keras, use_norm=not keras,
+                  dtype=self.dtype, name="last_conv", **norm)(x, train=train)
+    x = x.mean(axis=(1, 2))
+    x = nn.Dropout(self.head_dropout_rate)(x, deterministic=not train)
+    return layers.classifier(x, self.num_classes, self.dtype)
