@@ -8,8 +8,10 @@ the example reports 55.14% top-1). 21.76M parameters here for 100 classes.
     uv run launch.py --config configs/vit.py --workdir /tmp/vit_keras
 
 Presets (`--config configs/vit.py:NAME`):
-  tiny_cifar10 - a small ViT (patch 4, dim 128, 4 blocks) that shows learning on a CPU in
-      minutes: see README for the measured command and figure.
+  tiny_cifar10 - a small ViT (patch 4, dim 128, 4 blocks, 1 epoch) that shows learning on a
+      CPU: measured 39.93% top-1 / 89.67% top-5 on CIFAR-10 (JPEG copy) after its one epoch,
+      on a 2-core CPU shared with four other training jobs (22.8 min wall, 9.3 min of CPU
+      time); command in README.
   s16_imagenet - ViT-S/16 at 224 on ImageNet (22.05M parameters with 1,000 classes).
 """
 
@@ -35,12 +37,12 @@ def get_config(preset: str = "keras"):
     c.dataset = "cifar10"
     c.image_size = 32
     c.batch_size = 128
-    c.num_epochs = 2.0
-    c.eval_every_steps = 400
+    c.num_epochs = 1.0
     c.log_every_steps = 20
+    c.checkpoint_every_steps = 200
     c.model.update(patch_size=4, hidden_dim=128, depth=4, num_heads=4, mlp_dim=256,
                    pooling="gap")
-    c.optimizer.update(name="adamw", learning_rate=1e-3, weight_decay=0.05, warmup_steps=100,
+    c.optimizer.update(name="adamw", learning_rate=2e-3, weight_decay=0.05, warmup_steps=50,
                        schedule="cosine")
   elif preset == "s16_imagenet":
     c.dataset = "imagenet2012"

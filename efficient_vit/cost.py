@@ -15,11 +15,15 @@ def count_params(params: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+def abstract_variables(model: nn.Module, image_shape: tuple[int, ...]) -> Any:
+  """All variable collections' shapes (params, batch_stats, ...) for inputs of
+  `image_shape` ([batch, H, W, C]), without allocating or computing anything."""
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(image_shape, jnp.float32))
+
+
 def abstract_params(model: nn.Module, image_shape: tuple[int, ...]) -> Any:
-  """The parameter tree's shapes for inputs of `image_shape` ([batch, H, W, C]), without
-  allocating or computing anything."""
-  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(image_shape, jnp.float32))
-  return variables["params"]
+  """The parameter tree's shapes for inputs of `image_shape` ([batch, H, W, C])."""
+  return abstract_variables(model, image_shape)["params"]
 
 
 def compiled_flops(fn, *args) -> float:
@@ -32,6 +36,6 @@ def compiled_flops(fn, *args) -> float:
 
 def forward_flops(model: nn.Module, image_shape: tuple[int, ...]) -> float:
   """Compiled FLOPs of one eval-mode forward pass on a batch of `image_shape`."""
-  params = abstract_params(model, image_shape)
+  variables = abstract_variables(model, image_shape)
   images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
-  return compiled_flops(lambda p, x: model.apply({"params": p}, x, train=False), params, images)
+  return compiled_flops(lambda v, x: model.apply(v, x, train=False), variables, images)

@@ -106,13 +106,15 @@ def augment(config, image: jax.Array, key: jax.Array) -> jax.Array:
   """One uint8 image [h, w, c] -> float32 [size, size, c], as the tf.data path does."""
   size, aug = config.image_size, config.augment
   k_crop, k_flip, k_affine, k_contrast = jax.random.split(key, 4)
-  image = _resize(image.astype(jnp.float32), size)
+  image = image.astype(jnp.float32)
+  if aug.crop == "resize":
+    image = _random_crop(_resize(image, aug.resize_size if aug.resize_size > 0 else size),
+                         size, k_crop)
+  else:
+    image = _resize(image, size)
   if aug.crop == "pad":
     pad = aug.crop_padding
     image = _random_crop(jnp.pad(image, ((pad, pad), (pad, pad), (0, 0))), size, k_crop)
-  elif aug.crop == "resize":
-    image = _random_crop(_resize(image, aug.resize_size if aug.resize_size > 0 else size),
-                         size, k_crop)
   if aug.flip:
     image = jnp.where(jax.random.bernoulli(k_flip), image[:, ::-1], image)
   if aug.zoom or aug.rotation:

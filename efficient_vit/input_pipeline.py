@@ -164,14 +164,14 @@ def _augment(config, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0.0,
         use_image_if_no_bounding_boxes=True)
     image = _resize(tf.slice(image, begin, crop_size), size)
+  elif aug.crop == "resize":
+    image = _resize(image, aug.resize_size if aug.resize_size > 0 else size)
+    image = tf.image.stateless_random_crop(image, (size, size, image.shape[-1]), seeds[0])
   else:
     image = _resize(image, size)
     if aug.crop == "pad":
       pad = aug.crop_padding
       image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-      image = tf.image.stateless_random_crop(image, (size, size, image.shape[-1]), seeds[0])
-    elif aug.crop == "resize":
-      image = _resize(image, aug.resize_size if aug.resize_size > 0 else size)
       image = tf.image.stateless_random_crop(image, (size, size, image.shape[-1]), seeds[0])
   if aug.flip:
     image = tf.image.stateless_random_flip_left_right(image, seeds[1])
