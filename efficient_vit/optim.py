@@ -54,8 +54,13 @@ def make_optimizer(opt, steps_per_epoch: int,
     tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
                      mask=_decay_mask)
   elif opt.name == "lamb":
-    tx = optax.lamb(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
-                    mask=_decay_mask)
+    # optax.lamb, except that the layer-wise trust ratio spares what weight decay spares
+    # (TF Addons' exclude_from_layer_adaptation): a bias or a zero-initialised head would
+    # otherwise grow only by a factor (1 + lr) per step.
+    tx = optax.chain(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=1e-6),
+                     optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask),
+                     optax.masked(optax.scale_by_trust_ratio(), _decay_mask),
+                     optax.scale_by_learning_rate(schedule))
   elif opt.name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask),
                      optax.sgd(schedule, momentum=opt.momentum, nesterov=True))

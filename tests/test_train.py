@@ -270,3 +270,15 @@ def test_weight_decay_spares_biases_norms_and_tables():
   assert mask == {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False},
                   "position_embedding": {"embedding": False},
                   "attention": {"relative_position_bias_table": False}}
+
+
+def test_lamb_lets_a_zero_initialised_head_learn():
+  from configs import common
+  opt = common.base_config().optimizer
+  opt.update(name="lamb", learning_rate=1e-2, schedule="constant")
+  tx, _ = optim.make_optimizer(opt, steps_per_epoch=1, total_steps=10)
+  params = {"head": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  # Adam-sized steps (lr), not steps scaled by a zero parameter norm.
+  np.testing.assert_allclose(updates["head"]["bias"], -1e-2, rtol=1e-3)
+  assert np.abs(updates["head"]["kernel"]).max() > 1e-3
