@@ -1,0 +1,120 @@
+"""Smoke tests of efficient_vit.benchmark: a tiny token sweep and one single-config run.
+
+They check what the benchmark reports (keys, FLOP growth, files), never how fast
+anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from efficient_vit import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SINGLE_RUN_KEYS = {
+    "model", "config", "dataset", "image_size", "params", "forward_gflops_per_image",
+    "train_gflops_per_step", "train_flops_source", "train_img_per_s_fixed",
+    "train_img_per_s_fixed_blocks",
+    "train_img_per_s_pipeline", "pipeline_ratio", "input_pipeline", "eval_img_per_s",
+    "compile_train_s", "compile_eval_s", "peak_memory_bytes", "peak_memory_note",
+    "train_step_memory_bytes", "mfu", "peak_tflops_per_device", "device_kind", "platform",
+    "num_devices", "dtype", "batch_size", "steps", "parallelism",
+}
+
+
+def test_token_sweep_writes_json_and_plot(tmp_path, monkeypatch):
+  # A family whose module file does not exist must be skipped with a note.
+  from efficient_vit.models import REGISTRY
+
+  monkeypatch.setitem(REGISTRY, "vit_missing", ("efficient_vit.models.no_such_module", "X"))
+  monkeypatch.setitem(benchmark.SWEEP_FAMILIES, "vit_missing",
+                      ("quadratic", lambda d, n, p: {**benchmark._vit(d, n, p),
+                                                     "name": "vit_missing"}))
+  # Width 16: ViT's N^2 attention already outweighs its per-token projections at 64 tokens.
+  results = benchmark.token_sweep(["vit", "eanet", "vit_missing"], [64, 256],
+                                  out_dir=str(tmp_path), dim=16, depth=1, patch=2,
+                                  batch_size=2, steps=1, log=lambda _: None)
+
+  with open(tmp_path / "token_sweep.json", encoding="utf-8") as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(results))
+  assert "does not exist" in saved["skipped"]["vit_missing"]
+  for family in ("vit", "eanet"):
+    record = saved["families"][family]
+    assert record["stopped"] is None
+    assert [p["tokens"] for p in record["points"]] == [64, 256]
+    assert [p["image_size"] for p in record["points"]] == [16, 32]
+    for point in record["points"]:
+      assert point["train_flops_per_step"] > 0
+      assert point["step_s"] > 0 and point["train_step_memory_bytes"] > 0
+
+  def flops_ratio(family):
+    first, last = saved["families"][family]["points"]
+    return last["train_flops_per_step"] / first["train_flops_per_step"]
+
+  # 4x the tokens: full self-attention grows clearly faster than 4x, external attention
+  # stays near 4x (only the fixed-size head and optimizer terms keep it below).
+  assert flops_ratio("vit") > 5.5, flops_ratio("vit")
+  assert 3.2 < flops_ratio("eanet") < 4.5, flops_ratio("eanet")
+  assert saved["families"]["vit"]["flops_loglog_slope"] > 1.2
+  assert 0.8 < saved["families"]["eanet"]["flops_loglog_slope"] < 1.1
+
+  png = tmp_path / "token_sweep.png"
+  with open(png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  import matplotlib.image
+
+  height, width = matplotlib.image.imread(png).shape[:2]
+  assert width > 1000 and height > 300
+
+
+def test_token_sweep_rejects_non_square_token_counts(tmp_path):
+  with pytest.raises(ValueError, match="perfect square"):
+    benchmark.token_sweep(["vit"], [100, 200], out_dir=str(tmp_path))
+
+
+def test_peak_table_matches_device_kinds():
+  assert benchmark.peak_tflops_per_device("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+  assert benchmark.peak_tflops_per_device("NVIDIA H100 80GB HBM3", "float32") == 67.0
+  assert benchmark.peak_tflops_per_device("NVIDIA A100-SXM4-40GB", "float32") == 19.5
+  assert benchmark.peak_tflops_per_device("TPU v5 lite", "bfloat16") == 197.0
+  assert benchmark.peak_tflops_per_device("TPU v5p", "bfloat16") == 459.0
+  assert benchmark.peak_tflops_per_device("cpu", "float32") is None
+
+
+def test_single_config_prints_one_json_line():
+  command = [sys.executable, "-m", "efficient_vit.benchmark",
+             "--config=configs/vit.py:tiny_cifar10", "--input=fixed", "--steps=2",
+             "--warmup_steps=1", "--batch_size=4", "--config.model.patch_size=8",
+             "--config.model.hidden_dim=16", "--config.model.depth=1",
+             "--config.model.num_heads=2", "--config.model.mlp_dim=32"]
+  done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+  assert len(lines) == 1, done.stdout
+  record = json.loads(lines[0])
+  assert set(record) == SINGLE_RUN_KEYS
+  assert record["model"] == "vit" and record["config"] == "configs/vit.py:tiny_cifar10"
+  assert record["batch_size"] == 4 and record["steps"] == 2
+  # 16 tokens of width 16, one block, 10 classes.
+  assert 5_000 < record["params"] < 7_000
+  assert record["forward_gflops_per_image"] > 0
+  # Forward + backward: about 3x the forward work of the 4 images (the optimizer and the
+  # compiler's own counting move it a little).
+  forward_of_batch = record["forward_gflops_per_image"] * 4
+  assert 2.0 < record["train_gflops_per_step"] / forward_of_batch < 6.0
+  assert record["train_flops_source"] == "compiled"
+  assert record["train_img_per_s_fixed"] > 0 and record["eval_img_per_s"] > 0
+  assert len(record["train_img_per_s_fixed_blocks"]) == 1  # No pipeline block to bracket.
+  assert record["train_img_per_s_pipeline"] is None and record["pipeline_ratio"] is None
+  assert record["compile_train_s"] > 0 and record["train_step_memory_bytes"] > 0
+  if record["platform"] == "cpu":
+    assert record["peak_memory_bytes"] is None and record["peak_memory_note"]
+    assert record["mfu"] is None
