@@ -118,6 +118,7 @@ def get_config(preset: str = "keras"):
       # 300 + 10 epochs, cosine, label smoothing 0.1. Its batch of 128 is per process of
       # timm's distributed script and the config does not say how many: 1024 assumes 8.
       c.dataset = "imagenet2012"
+      c.eval_split = "validation"  # ImageNet's test labels are not public.
       c.image_size = 224
       c.augment.crop = "inception"
       c.batch_size = 1024

@@ -46,6 +46,7 @@ def get_config(preset: str = "keras"):
                        schedule="cosine")
   elif preset == "s16_imagenet":
     c.dataset = "imagenet2012"
+    c.eval_split = "validation"  # ImageNet's test labels are not public.
     c.image_size = 224
     c.augment.crop = "inception"
     c.batch_size = 1024
