@@ -10,8 +10,7 @@ the example reports 55.14% top-1). 21.76M parameters here for 100 classes.
 Presets (`--config configs/vit.py:NAME`):
   tiny_cifar10 - a small ViT (patch 4, dim 128, 4 blocks, 1 epoch) that shows learning on a
       CPU: measured 39.93% top-1 / 89.67% top-5 on CIFAR-10 (JPEG copy) after its one epoch,
-      on a 2-core CPU shared with four other training jobs (22.8 min wall, 9.3 min of CPU
-      time); command in README.
+      in 9 min 34 s wall on the 2-core CPU (one other job running); command in README.
   s16_imagenet - ViT-S/16 at 224 on ImageNet (22.05M parameters with 1,000 classes).
 """
 
