@@ -192,6 +192,23 @@ def _host_memory_available() -> int | None:
   return None
 
 
+def _check_host_memory(compiled) -> None:
+  """On CPU, refuses a step that would take more than half the free host memory: the host
+  would kill the process (or a neighbour's) instead of raising an error."""
+  import jax
+
+  if jax.devices()[0].platform != "cpu":
+    return
+  needed, available = _step_memory_bytes(compiled), _host_memory_available()
+  if needed is None or available is None:
+    return
+  needed *= jax.local_device_count()
+  if needed > available // 2:
+    raise MemoryError(f"the compiled train step needs {needed / 2**30:.1f} GiB, more than half "
+                      f"of the {available / 2**30:.1f} GiB of free host memory; use a smaller "
+                      "--batch_size")
+
+
 def _device_memory_limit() -> int | None:
   import jax
 
@@ -369,6 +386,7 @@ def benchmark_config(config, *, config_name: str = "", steps: int = 10, warmup_s
   train_batch = parallel.put_batch(_fixed_batch(batch_size, size, num_classes))
   eval_batch = parallel.put_batch(_fixed_batch(batch_size, size, num_classes, with_mask=True))
   compile_train_s = steps_.compile_train(train_batch)
+  _check_host_memory(steps_.train)
   compile_eval_s = steps_.compile_eval(eval_batch)
   train_flops = _flops(steps_.train)
   if train_flops is not None:
@@ -710,9 +728,12 @@ def main(argv):
     config.batch_size = _BATCH_SIZE.value
   if _DTYPE.value:
     config.dtype = DTYPE_FLAGS[_DTYPE.value]
-  record = benchmark_config(config, config_name=flags.FLAGS["config"].config_filename,
-                            steps=_STEPS.value, warmup_steps=_WARMUP_STEPS.value,
-                            input_mode=_INPUT.value, peak_tflops=_PEAK_TFLOPS.value)
+  try:
+    record = benchmark_config(config, config_name=flags.FLAGS["config"].config_filename,
+                              steps=_STEPS.value, warmup_steps=_WARMUP_STEPS.value,
+                              input_mode=_INPUT.value, peak_tflops=_PEAK_TFLOPS.value)
+  except MemoryError as e:
+    raise SystemExit(f"benchmark: {e}") from None
   print(json.dumps(record), flush=True)
 
 
