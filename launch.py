@@ -1,6 +1,6 @@
 """Trains and evaluates one experiment: parses flags, then calls `train_and_evaluate`.
 
-    uv run launch.py --config configs/vit.py:tiny_cifar10 --workdir /tmp/vit_tiny \
+    uv run launch.py --config configs/vit.py:tiny_cifar10 --workdir runs/vit_tiny \
         [--config.batch_size=256 ...]
 
 A second call with the same --workdir resumes from its latest checkpoint. On a multi-host

@@ -46,6 +46,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.parallelism = "shard_map"  # shard_map | pmap
   c.dtype = "float32"  # float32 | bfloat16: the dtype of activations; parameters stay float32.
+  # A step whose loss or gradient is NaN or infinite: stop (the run ends with an error naming
+  # the step; nothing of it is saved) | skip (the update is dropped and counted in the train
+  # metrics as `skipped_steps`).
+  c.nonfinite = "stop"
+
+  # Start from trained weights instead of a random initialisation (efficient_vit/init_from.py):
+  # a workdir of this project (layout `project`) or a reference checkpoint file (layout
+  # timm_vit | big_vision_vit | timm_swin | timm_mobilevit | cct_official). A workdir with a
+  # checkpoint of its own resumes from it instead.
+  c.init_from = ml_collections.ConfigDict()
+  c.init_from.path = config_dict.placeholder(str)
+  c.init_from.layout = "project"
+  c.init_from.image_size = -1  # A reference checkpoint's resolution (-1: config.image_size).
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "vit"
@@ -64,4 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.momentum = 0.9  # sgd only.
+  # Exponential moving average of the parameters, evaluated beside them (0: none):
+  # ema = ema_decay * ema + (1 - ema_decay) * params after every step.
+  c.optimizer.ema_decay = 0.0
   return c

@@ -124,8 +124,7 @@ def augment(config, image: jax.Array, key: jax.Array) -> jax.Array:
     mean = image.mean(axis=(0, 1), keepdims=True)
     image = (image - mean) * factor + mean
   image = jnp.clip(image, 0.0, 255.0) / 255.0
-  mean, std = input_pipeline._NORMALISATION.get(config.dataset,
-                                                input_pipeline._IMAGENET_NORMALISATION)
+  mean, std = input_pipeline.normalisation(config.dataset)
   return (image - jnp.asarray(mean)) / jnp.asarray(std)
 
 

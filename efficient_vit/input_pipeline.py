@@ -122,8 +122,13 @@ def per_host_batch_size(batch_size: int) -> int:
   return batch_size // hosts
 
 
+def normalisation(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel (mean, std) of pixels in [0, 1] that the model's inputs are normalised by."""
+  return _NORMALISATION.get(dataset, _IMAGENET_NORMALISATION)
+
+
 def _normalise(config, image: tf.Tensor) -> tf.Tensor:
-  mean, std = _NORMALISATION.get(config.dataset, _IMAGENET_NORMALISATION)
+  mean, std = normalisation(config.dataset)
   image = tf.cast(image, tf.float32) / 255.0
   return (image - tf.constant(mean)) / tf.constant(std)
 

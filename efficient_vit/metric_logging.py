@@ -37,6 +37,22 @@ class MetricLogger:
       self._tensorboard.close()
 
 
+def drop_after(workdir: str, step: int) -> int:
+  """Removes the records of steps after `step` from `metrics.jsonl` (a run resumed from
+  the checkpoint of `step` writes them again); returns how many were removed. The file is
+  replaced atomically. TensorBoard keeps its copies: it shows the latest value per step."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  records = read_metrics(workdir)
+  kept = [r for r in records if r["step"] <= step]
+  if len(kept) < len(records):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)
+  return len(records) - len(kept)
+
+
 def read_metrics(workdir: str) -> list[dict]:
   """The records of `metrics.jsonl`, in the order they were written."""
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:

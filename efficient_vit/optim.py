@@ -16,8 +16,11 @@ def learning_rate_schedule(opt, steps_per_epoch: int, total_steps: int) -> optax
     raise ValueError(f"optimizer.schedule={opt.schedule!r}; allowed: {', '.join(SCHEDULES)}")
   warmup = int(opt.warmup_steps + round(opt.warmup_epochs * steps_per_epoch))
   if warmup >= total_steps and total_steps > 0 and warmup > 0:
-    raise ValueError(f"optimizer warmup ({warmup} steps) must be shorter than the run "
-                     f"({total_steps} steps)")
+    # Refused rather than clipped: a clipped warmup would silently be another recipe.
+    raise ValueError(f"optimizer.warmup_steps={opt.warmup_steps} + optimizer.warmup_epochs="
+                     f"{opt.warmup_epochs} ({warmup} steps); allowed: fewer steps than the "
+                     f"run's {total_steps} (num_train_steps, or num_epochs x {steps_per_epoch} "
+                     "steps per epoch)")
   peak = opt.learning_rate
   if opt.schedule == "cosine":
     after = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))

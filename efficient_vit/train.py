@@ -2,24 +2,29 @@
 
 One batch, from `launch.py` to the loss:
   `train_and_evaluate(config, workdir)`
-    -> `input_pipeline.train_batches`   host batch [per_host_batch, H, W, C]
-    -> `DataParallel.put_batch`         global array sharded over the `data` axis
-    -> `train_step`                     per device: forward, loss, gradients; gradients and
-                                        metrics averaged over `data`; optimizer update.
-`train_step` and `eval_step` are pure functions written once; `DataParallel` runs them
-either as `jax.jit(jax.shard_map(...))` over a 1-D device mesh or as `jax.pmap`, and the
-two give the same numbers.
+    -> `build(config)`                  the one assembly: model, optimizer, state, steps
+    -> `batch_source`                   tf.data (host batch [per_host_batch, H, W, C], put
+                                        on the devices) or the device-resident split
+    -> `Experiment.parallel.train_step` `train_step` on every device, the batch split over
+                                        the `data` axis
+    -> `train_step`                     forward, loss, gradients; gradients and metrics
+                                        averaged over `data`; optimizer update (+ EMA).
+`train_step` and `eval_step` are pure functions written once. `build` assembles them with
+the model and optimizer, and the trainer, the benchmark and the tests all run what it
+returns. `DataParallel` runs the steps as `jax.jit(jax.shard_map(...))` over a 1-D device
+mesh; `PmapParallel` as `jax.pmap`, and the two give the same numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.jax_utils
@@ -34,17 +39,18 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from efficient_vit import device_input, input_pipeline, optim
-from efficient_vit.metric_logging import MetricLogger
+from efficient_vit import (cost, device_input, init_from, input_pipeline, metric_logging,
+                           optim)
 from efficient_vit.models import build_model
 
 AXIS = "data"
 PARALLELISMS = ("shard_map", "pmap")
 INPUT_PIPELINES = ("auto", "device", "tfdata")
+NONFINITE = ("stop", "skip")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Fields that decide the shapes of what a checkpoint holds: a workdir cannot be resumed
 # with other values.
-_CHECKPOINT_SHAPING_FIELDS = ("dataset", "model", "optimizer.name")
+_CHECKPOINT_SHAPING_FIELDS = ("dataset", "model", "optimizer.name", "optimizer.ema_decay")
 
 
 @flax.struct.dataclass
@@ -53,19 +59,23 @@ class TrainState:
   params: Any
   batch_stats: Any  # Running statistics of batch-norm models; {} for the others.
   opt_state: Any
+  ema_params: Any  # Exponential moving average of `params`; {} when optimizer.ema_decay=0.
 
 
 def create_train_state(model, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
-                       rng: jax.Array) -> TrainState:
+                       rng: jax.Array, ema: bool = False) -> TrainState:
   """Initial parameters for inputs of `image_shape` ([batch, H, W, C])."""
   variables = model.init({"params": rng, "dropout": rng}, jnp.zeros(image_shape, jnp.float32),
                          train=False)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else {})
 
 
-def _variables(state: TrainState, params) -> dict:
+def model_variables(state: TrainState, ema: bool = False) -> dict:
+  """What `model.apply` takes: the raw (or EMA) parameters and any batch statistics."""
+  params = state.ema_params if ema else state.params
   return {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
 
 
@@ -85,19 +95,23 @@ def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               label_smoothing: float) -> tuple[TrainState, dict]:
+               label_smoothing: float, ema_decay: float = 0.0,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
   """One optimizer step on this device's shard of the batch.
 
   `rng` is the run's base key (raw key data); dropout and drop-path keys are folded from
   it per step and per device. Gradients, batch statistics and metrics are averaged over
-  the `data` axis, so every device ends with the same state.
+  the `data` axis, so every device ends with the same state. `metrics["finite"]` is 1 when
+  the loss and every gradient are finite; with `skip_nonfinite` a step where they are not
+  leaves the parameters, optimizer state, batch statistics and EMA as they were (the step
+  counter still advances, so the data does too).
   """
   key = jax.random.wrap_key_data(rng)
   key = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(AXIS))
 
   def loss_fn(params):
-    outputs = model.apply(_variables(state, params), batch["image"], train=True,
-                          rngs={"dropout": key},
+    variables = {**model_variables(state), "params": params}
+    outputs = model.apply(variables, batch["image"], train=True, rngs={"dropout": key},
                           mutable=["batch_stats"] if state.batch_stats else False)
     logits, updates = outputs if state.batch_stats else (outputs, {})
     loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
@@ -109,18 +123,31 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
   batch_stats = jax.lax.pmean(batch_stats, AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  ema_params = state.ema_params
+  if ema_decay:
+    ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
   metrics = jax.lax.pmean({"loss": loss,
                            "top1": top_k_correct(logits, batch["label"], 1).mean()}, AXIS)
+  finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
+  metrics["finite"] = finite.astype(jnp.float32)
   metrics["learning_rate"] = schedule(state.step)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
+                            opt_state=opt_state, ema_params=ema_params)
+  if skip_nonfinite:
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                        new_state.replace(step=state.step), state)
+    new_state = kept.replace(step=state.step + 1)
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, model) -> dict:
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def eval_step(variables: dict, batch: dict, *, model) -> dict:
   """Sums of loss, top-1 and top-5 hits and example count over the real (mask = 1)
-  examples of the whole global batch."""
-  logits = model.apply(_variables(state, state.params), batch["image"], train=False)
+  examples of the whole global batch. `variables` as `model_variables` gives them."""
+  logits = model.apply(variables, batch["image"], train=False)
   mask = batch["mask"]
   sums = {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
           "top1": jnp.sum(top_k_correct(logits, batch["label"], 1) * mask),
@@ -130,62 +157,95 @@ def eval_step(state: TrainState, batch: dict, *, model) -> dict:
 
 
 class DataParallel:
-  """Runs the pure steps on every device, with the batch split over the `data` axis.
+  """Runs the pure steps with the batch split over the `data` axis of all devices (all
+  hosts): `jax.jit(jax.shard_map(step))` over a 1-D mesh; the state is a replicated global
+  array, the batch a global array sharded on axis 0.
 
-  `shard_map`: `jax.jit(jax.shard_map(step))` over a 1-D mesh of all devices (all hosts);
-  the state is a replicated global array, the batch a global array sharded on axis 0.
-  `pmap`: `jax.pmap(step, axis_name='data')`; the state carries a leading device axis.
+  `PmapParallel` below is the other way to run the same steps; everything in which the two
+  differ lives in these two classes.
   """
 
-  def __init__(self, kind: str, train_fn, eval_fn):
-    self.kind = kind
-    if kind == "shard_map":
-      self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
-      self.replicated = NamedSharding(self.mesh, P())
-      self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
-      # check_vma=False: the steps do their own collectives, as under pmap. With the
-      # check on, the gradient of the replicated parameters would arrive already summed
-      # over devices and the explicit pmean would not be the mean.
-      shard = functools.partial(jax.shard_map, mesh=self.mesh, check_vma=False)
-      self.train_step = jax.jit(
-          shard(train_fn, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P())),
-          donate_argnums=0)
-      self.eval_step = jax.jit(shard(eval_fn, in_specs=(P(), P(AXIS)), out_specs=P()))
-    elif kind == "pmap":
-      devices = jax.local_devices()
-      self.local_mesh = Mesh(np.asarray(devices), (AXIS,))
-      self.train_step = jax.pmap(train_fn, axis_name=AXIS, in_axes=(0, 0, None),
-                                 donate_argnums=0)
-      self.eval_step = jax.pmap(eval_fn, axis_name=AXIS)
-    else:
-      raise ValueError(f"config.parallelism={kind!r}; allowed: {', '.join(PARALLELISMS)}")
+  kind = "shard_map"
+  # Whether the host waits for each train step: see PmapParallel.
+  block_each_step = False
 
-  def put_state(self, host_state: TrainState) -> TrainState:
+  def __init__(self, train_fn: Callable, eval_fn: Callable):
+    self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
+    # check_vma=False: the steps do their own collectives, as under pmap. With the check
+    # on, the gradient of the replicated parameters would arrive already summed over
+    # devices and the explicit pmean would not be the mean.
+    shard = functools.partial(jax.shard_map, mesh=self.mesh, check_vma=False)
+    self.train_step = jax.jit(
+        shard(train_fn, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P())),
+        donate_argnums=0)
+    self.eval_step = jax.jit(shard(eval_fn, in_specs=(P(), P(AXIS)), out_specs=P()))
+
+  def put_state(self, host_state):
     """Copies a host state onto every device. The copy is taken from numpy so that no
     device buffer is shared with `host_state` (the train step donates its input)."""
-    host_state = jax.tree.map(np.asarray, host_state)
-    if self.kind == "shard_map":
-      return jax.device_put(host_state, self.replicated)
-    return flax.jax_utils.replicate(host_state)
+    return jax.device_put(jax.tree.map(np.asarray, host_state), self.replicated)
 
-  def get_state(self, state: TrainState) -> TrainState:
+  def get_state(self, state):
     """One copy of the state, as it is saved in checkpoints."""
-    return state if self.kind == "shard_map" else jax.tree.map(lambda x: x[0], state)
+    return state
 
   def put_batch(self, batch: dict) -> dict:
-    """Host batch [per_host_batch, ...] -> device batch split over the local devices."""
-    if self.kind == "shard_map":
-      return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-              for k, v in batch.items()}
+    """Host batch [per_host_batch, ...] -> device batch split over the devices."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in batch.items()}
+
+  def first(self, tree):
+    """A host copy of replicated outputs (metrics)."""
+    return jax.device_get(tree)
+
+  def device_dataset(self, config) -> device_input.DeviceDataset:
+    """The device-resident train split, its batches laid out as `train_step` takes them."""
+    return device_input.DeviceDataset(config, self.mesh)
+
+
+class PmapParallel(DataParallel):
+  """`jax.pmap(step, axis_name='data')` over the local devices: the state carries a leading
+  device axis, and a batch is [devices, batch / devices, ...]."""
+
+  kind = "pmap"
+
+  def __init__(self, train_fn: Callable, eval_fn: Callable):  # pylint: disable=super-init-not-called
+    self.local_mesh = Mesh(np.asarray(jax.local_devices()), (AXIS,))
+    self.train_step = jax.pmap(train_fn, axis_name=AXIS, in_axes=(0, 0, None),
+                               donate_argnums=0)
+    self.eval_step = jax.pmap(eval_fn, axis_name=AXIS)
+    # pmap steps dispatched back to back can deadlock fake CPU devices (several devices
+    # on one host CPU): there the host waits for each step. Real accelerators do not pay it.
+    self.block_each_step = (jax.local_devices()[0].platform == "cpu"
+                            and jax.local_device_count() > 1)
+
+  def put_state(self, host_state):
+    return flax.jax_utils.replicate(jax.tree.map(np.asarray, host_state))
+
+  def get_state(self, state):
+    return jax.tree.map(lambda x: x[0], state)
+
+  def put_batch(self, batch: dict) -> dict:
     n = jax.local_device_count()
     sharding = NamedSharding(self.local_mesh, P(AXIS))
     return {k: jax.device_put(v.reshape((n, -1) + v.shape[1:]), sharding)
             for k, v in batch.items()}
 
   def first(self, tree):
-    """A host copy of replicated outputs (metrics)."""
-    tree = jax.device_get(tree)
-    return tree if self.kind == "shard_map" else jax.tree.map(lambda x: x[0], tree)
+    return jax.tree.map(lambda x: x[0], jax.device_get(tree))
+
+  def device_dataset(self, config) -> device_input.DeviceDataset:
+    return device_input.DeviceDataset(config, self.local_mesh, stacked=True)
+
+
+def data_parallel(kind: str, train_fn: Callable, eval_fn: Callable) -> DataParallel:
+  """The runner of `config.parallelism`."""
+  runners = {"shard_map": DataParallel, "pmap": PmapParallel}
+  if kind not in runners:
+    raise ValueError(f"config.parallelism={kind!r}; allowed: {', '.join(PARALLELISMS)}")
+  return runners[kind](train_fn, eval_fn)
 
 
 def prefetch(batches, put, size: int = 2):
@@ -203,30 +263,122 @@ def batch_source(config, parallel: DataParallel, start_step: int = 0):
   input pipeline that `config.input_pipeline` names (`auto`: on the devices where the
   split fits, else tf.data)."""
   if device_input.resolve(config) == "device":
-    if parallel.kind == "shard_map":
-      dataset = device_input.DeviceDataset(config, parallel.mesh)
-    else:
-      dataset = device_input.DeviceDataset(config, parallel.local_mesh, stacked=True)
+    dataset = parallel.device_dataset(config)
     return (dataset.batch(step) for step in itertools.count(start_step))
   return prefetch(input_pipeline.train_batches(config, start_step), parallel.put_batch)
 
 
+def _field(config, name: str):
+  return functools.reduce(getattr, name.split("."), config)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Clear errors for bad values before anything is built or written."""
+  """Clear errors for bad values of the run's own fields (the model's are checked by
+  tracing it, in `build`), before anything is built or written."""
   choices = {"parallelism": PARALLELISMS, "input_pipeline": INPUT_PIPELINES,
-             "dtype": tuple(DTYPES), "augment.crop": input_pipeline.CROPS,
-             "optimizer.name": optim.OPTIMIZERS, "optimizer.schedule": optim.SCHEDULES}
+             "dtype": tuple(DTYPES), "nonfinite": NONFINITE,
+             "augment.crop": input_pipeline.CROPS, "optimizer.name": optim.OPTIMIZERS,
+             "optimizer.schedule": optim.SCHEDULES}
   for field, allowed in choices.items():
-    value = functools.reduce(getattr, field.split("."), config)
+    value = _field(config, field)
     if value not in allowed:
       raise ValueError(f"config.{field}={value!r}; allowed: {', '.join(allowed)}")
   for field in ("batch_size", "image_size", "log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints"):
-    if getattr(config, field) <= 0:
-      raise ValueError(f"config.{field}={getattr(config, field)} must be positive")
+    if _field(config, field) <= 0:
+      raise ValueError(f"config.{field}={_field(config, field)}; allowed: a positive integer")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise ValueError("config.num_epochs must be positive when config.num_train_steps is -1")
+    raise ValueError(f"config.num_epochs={config.num_epochs} with config.num_train_steps="
+                     f"{config.num_train_steps}; allowed: a positive number of epochs, or "
+                     "a positive num_train_steps")
+  if not 0.0 <= config.optimizer.ema_decay < 1.0:
+    raise ValueError(f"config.optimizer.ema_decay={config.optimizer.ema_decay}; allowed: "
+                     "0 (no EMA) or a decay in (0, 1)")
+  init_from.validate(config.init_from)
   input_pipeline.per_host_batch_size(config.batch_size)
+  devices = jax.device_count()
+  if config.eval_batch_size > 0 and config.eval_batch_size % devices:
+    raise ValueError(f"config.eval_batch_size={config.eval_batch_size}; allowed: -1 (the "
+                     f"batch_size) or a multiple of the number of devices ({devices})")
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything a run of a config is made of, assembled once by `build`.
+
+  The trainer, the benchmark and the tests run `parallel.train_step` and
+  `parallel.eval_step` of this object, so that they time and test what the trainer runs.
+  """
+
+  config: ml_collections.ConfigDict
+  info: input_pipeline.DatasetInfo
+  model: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  steps_per_epoch: int
+  total_steps: int
+  parallel: DataParallel
+  init_rng: jax.Array  # Key of the parameter initialisation.
+  rng: jax.Array  # Raw key data of the base dropout key, passed to every train step.
+
+  @property
+  def image_shape(self) -> tuple[int, int, int, int]:
+    return (1, self.config.image_size, self.config.image_size, 3)
+
+  def _create(self, rng):
+    return create_train_state(self.model, self.tx, self.image_shape, rng,
+                              ema=bool(self.config.optimizer.ema_decay))
+
+  def abstract_state(self) -> TrainState:
+    """Shapes and dtypes of the train state, traced, not computed."""
+    return jax.eval_shape(self._create, self.init_rng)
+
+  def init_state(self) -> TrainState:
+    """The initial train state, on the host's default device."""
+    return jax.jit(self._create)(self.init_rng)
+
+  def warm_start(self, state: TrainState) -> tuple[TrainState, str]:
+    """`state` with the weights of `config.init_from` (fitted to this model), a fresh
+    optimizer state and the EMA starting from them; and where the weights came from."""
+    variables, source = init_from.load(self.config, self.model, model_variables(state))
+    params = variables["params"]
+    return state.replace(params=params, batch_stats=variables.get("batch_stats", {}),
+                         opt_state=self.tx.init(params),
+                         ema_params=jax.tree.map(jnp.copy, params) if state.ema_params
+                         else {}), source
+
+  def eval_variables(self, state: TrainState, ema: bool = False) -> dict:
+    """What `parallel.eval_step` takes, from a device state."""
+    return model_variables(state, ema)
+
+
+def build(config: ml_collections.ConfigDict,
+          info: input_pipeline.DatasetInfo | None = None) -> Experiment:
+  """Validates `config` and assembles its model, optimizer and compiled-on-first-use steps.
+
+  `info` (class count, split sizes) is read from the dataset when not given. Every model
+  field is checked by tracing the model's initialisation (shapes only: nothing is compiled),
+  so that a size the model cannot take is an error here, naming the field.
+  """
+  validate_config(config)
+  info = info or input_pipeline.dataset_info(config)
+  steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else math.ceil(config.num_epochs * steps_per_epoch))
+  model = build_model(config.model, info.num_classes, DTYPES[config.dtype])
+  tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch, total_steps)
+  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                           label_smoothing=config.optimizer.label_smoothing,
+                           ema_decay=config.optimizer.ema_decay,
+                           skip_nonfinite=config.nonfinite == "skip")
+  parallel = data_parallel(config.parallelism, step, functools.partial(eval_step, model=model))
+  experiment = Experiment(config=config, info=info, model=model, tx=tx, schedule=schedule,
+                          steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                          parallel=parallel, init_rng=init_rng,
+                          rng=jax.random.key_data(dropout_rng))
+  experiment.abstract_state()  # Raises the model's own errors for sizes it cannot take.
+  return experiment
 
 
 def _shaping_fields(config_json: dict) -> dict:
@@ -256,71 +408,145 @@ def _check_workdir(config, workdir: str, has_checkpoint: bool) -> None:
           "saved value to resume.")
 
 
+def _write_run_files(config, workdir: str, info: input_pipeline.DatasetInfo) -> None:
+  """The resolved config (`config.json`) and what a consumer of the checkpoints needs to
+  rebuild the model and feed it raw images (`model.json`)."""
+  mean, std = input_pipeline.normalisation(config.dataset)
+  model_info = {"model": config.model.to_dict(), "num_classes": int(info.num_classes),
+                "image_size": int(config.image_size), "dtype": config.dtype,
+                "dataset": config.dataset, "mean": list(mean), "std": list(std),
+                "input": "(pixels / 255 - mean) / std, [batch, image_size, image_size, 3]"}
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(workdir, "model.json"), "w", encoding="utf-8") as f:
+    json.dump(model_info, f, indent=2, default=list)
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or a gradient became NaN or infinite (config.nonfinite='stop')."""
+
+
+class _IntervalMetrics:
+  """The train metrics of the steps since the last log, averaged when written (as flax's
+  examples do), and the guard on non-finite steps.
+
+  Each step's `finite` flag is read one step late, so that the host never waits for the
+  step it has just dispatched; `check_all` reads the rest (before a save or a log).
+  """
+
+  def __init__(self, parallel: DataParallel, nonfinite: str):
+    self.parallel = parallel
+    self.nonfinite = nonfinite
+    self.steps: list[tuple[int, Any]] = []  # (step number, device metrics)
+    self.checked = 0
+    self.nonfinite_steps = 0
+
+  def add(self, step: int, metrics) -> None:
+    self.steps.append((step, metrics))
+    self._check(len(self.steps) - 1)
+
+  def check_all(self) -> None:
+    self._check(len(self.steps))
+
+  def _check(self, upto: int) -> None:
+    for step, metrics in self.steps[self.checked:upto]:
+      if self.parallel.first(metrics["finite"]) < 1.0:
+        if self.nonfinite == "stop":
+          loss = float(self.parallel.first(metrics["loss"]))
+          raise NonFiniteError(
+              f"step {step}: the loss ({loss}) or a gradient is not finite; stopping before "
+              "anything of this step is saved. Lower optimizer.learning_rate, clip gradients "
+              "(optimizer.grad_clip_norm), or set config.nonfinite='skip' to skip such steps.")
+        self.nonfinite_steps += 1
+    self.checked = max(self.checked, upto)
+
+  def mean(self) -> dict:
+    """Mean over the interval's finite steps; resets the interval."""
+    self.check_all()
+    records = [self.parallel.first(m) for _, m in self.steps]
+    kept = [r for r in records if r["finite"] >= 1.0] or records
+    names = [k for k in records[-1] if k not in ("finite", "learning_rate")]
+    out = {k: float(np.mean([r[k] for r in kept])) for k in names}
+    out["learning_rate"] = float(records[-1]["learning_rate"])
+    if self.nonfinite == "skip":
+      out["skipped_steps"] = float(self.nonfinite_steps)
+    self.steps, self.checked, self.nonfinite_steps = [], 0, 0
+    return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-  Returns the metrics of the final evaluation.
+  Returns the metrics of the final evaluation (with `ema_`-prefixed copies for the EMA
+  parameters when optimizer.ema_decay > 0).
   """
-  validate_config(config)
+  experiment = build(config)  # Every validation happens here, before anything is written.
+  parallel, total_steps = experiment.parallel, experiment.total_steps
+  eval_every = (config.eval_every_steps if config.eval_every_steps > 0
+                else experiment.steps_per_epoch)
   workdir = os.path.abspath(workdir)  # Orbax needs absolute paths.
-  info = input_pipeline.dataset_info(config)
-  steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else math.ceil(config.num_epochs * steps_per_epoch))
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-
-  model = build_model(config.model, info.num_classes, DTYPES[config.dtype])
-  tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch, total_steps)
-  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  image_shape = (1, config.image_size, config.image_size, 3)
-  host_state = jax.jit(functools.partial(create_train_state, model, tx, image_shape))(init_rng)
-  checkpoint = {"state": host_state, "rng": jax.random.key_data(dropout_rng)}
+  checkpoint = {"state": experiment.abstract_state(), "rng": experiment.rng}
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  latest = None
+  if os.path.isdir(checkpoint_dir):
+    with ocp.CheckpointManager(checkpoint_dir) as reader:
+      latest = reader.latest_step()
+  _check_workdir(config, workdir, latest is not None)
+  if latest is None:  # A new run: its initial state, before anything is written.
+    checkpoint["state"] = experiment.init_state()
+    if config.init_from.path:
+      checkpoint["state"], source = experiment.warm_start(checkpoint["state"])
+      print(f"initialised from {source}", flush=True)
 
   os.makedirs(workdir, exist_ok=True)
   manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
+      checkpoint_dir,
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=True))
-  latest = manager.latest_step()
-  _check_workdir(config, workdir, latest is not None)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    _write_run_files(config, workdir, experiment.info)
   if latest is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpoint)
     checkpoint = manager.restore(latest, args=ocp.args.Composite(
         train=ocp.args.StandardRestore(abstract)))["train"]
     logging.info("Resumed from step %d of %s.", latest, workdir)
     print(f"resumed from step {latest}", flush=True)
-
-  parallel = DataParallel(
-      config.parallelism,
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        label_smoothing=config.optimizer.label_smoothing),
-      functools.partial(eval_step, model=model))
+    if jax.process_index() == 0:  # Steps after the checkpoint are logged again below.
+      metric_logging.drop_after(workdir, latest)
   state = parallel.put_state(checkpoint["state"])
   rng = checkpoint["rng"]
   start_step = int(checkpoint["state"].step)
-  del host_state, checkpoint
+  num_params = cost.count_params(checkpoint["state"].params)
+  del checkpoint
+  devices = jax.devices()
+  print(f"model {config.model.name}: {num_params:,} parameters; {len(devices)} "
+        f"{devices[0].platform} devices ({devices[0].device_kind}) in {jax.process_count()} "
+        f"process(es), parallelism {parallel.kind}", flush=True)
 
-  logger = MetricLogger(workdir)
+  logger = metric_logging.MetricLogger(workdir)
   batches = batch_source(config, parallel, start_step)
   eval_split = input_pipeline.EvalSplit(config)
-  # pmap steps dispatched back to back can deadlock fake CPU devices: wait on each one.
-  block_each_step = config.parallelism == "pmap"
+  interval = _IntervalMetrics(parallel, config.nonfinite)
+  ema = bool(config.optimizer.ema_decay)
 
   def evaluate(step: int) -> dict:
-    sums = None
-    for batch in eval_split:
-      out = parallel.first(parallel.eval_step(state, parallel.put_batch(batch)))
-      sums = out if sums is None else jax.tree.map(np.add, sums, out)
-    count = sums.pop("count")
-    metrics = {k: v / count for k, v in sums.items()}
-    metrics["num_examples"] = count
-    logger.write(step, "eval", metrics)
-    return metrics
+    results = {}
+    for name, use_ema in (("eval", False), ("eval_ema", True))[:1 + ema]:
+      variables = experiment.eval_variables(state, ema=use_ema)
+      sums = None
+      for batch in eval_split:
+        out = parallel.first(parallel.eval_step(variables, parallel.put_batch(batch)))
+        sums = out if sums is None else jax.tree.map(np.add, sums, out)
+      count = sums.pop("count")
+      metrics = {k: v / count for k, v in sums.items()}
+      metrics["num_examples"] = count
+      logger.write(step, name, metrics)
+      prefix = "" if name == "eval" else "ema_"
+      results.update({prefix + k: v for k, v in metrics.items()})
+    return results
 
   def save(step: int) -> None:
+    interval.check_all()  # Never a checkpoint with a non-finite value in it.
     manager.save(step, args=ocp.args.Composite(train=ocp.args.StandardSave(
         {"state": parallel.get_state(state), "rng": rng})))
 
@@ -328,34 +554,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=1.0)
   eval_metrics = {}
   timer_step, timer_start = None, None
-  for step in range(start_step, total_steps):
-    state, metrics = parallel.train_step(state, next(batches), rng)
-    if block_each_step:
-      jax.block_until_ready(metrics)
-    done = step + 1
-    progress.update(1)
-    if timer_step is None:  # The first step compiles: time from its end on.
-      jax.block_until_ready(metrics)
-      timer_step, timer_start = done, time.perf_counter()
-    if done % config.log_every_steps == 0 or done == total_steps:
-      metrics = parallel.first(metrics)
-      elapsed = time.perf_counter() - timer_start
-      if done > timer_step:
-        metrics["img_per_sec"] = (done - timer_step) * config.batch_size / elapsed
-      timer_step, timer_start = done, time.perf_counter()
-      logger.write(done, "train", metrics)
-      progress.set_postfix(loss=f"{metrics['loss']:.3f}", top1=f"{metrics['top1']:.3f}")
-    if done % eval_every == 0 or done == total_steps:
-      eval_metrics = evaluate(done)
-      progress.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} "
-                     f"top1 {eval_metrics['top1']:.4f} top5 {eval_metrics['top5']:.4f}")
-      timer_step, timer_start = done, time.perf_counter()
-    if done % config.checkpoint_every_steps == 0 or done == total_steps:
-      save(done)
-  progress.close()
-  if start_step >= total_steps and not eval_metrics:
-    eval_metrics = evaluate(start_step)
-  manager.wait_until_finished()
-  manager.close()
-  logger.close()
+  try:
+    for step in range(start_step, total_steps):
+      state, metrics = parallel.train_step(state, next(batches), rng)
+      if parallel.block_each_step:
+        jax.block_until_ready(metrics)
+      done = step + 1
+      interval.add(done, metrics)
+      progress.update(1)
+      if timer_step is None:  # The first step compiles: time from its end on.
+        jax.block_until_ready(metrics)
+        timer_step, timer_start = done, time.perf_counter()
+      if done % config.log_every_steps == 0 or done == total_steps:
+        metrics = interval.mean()
+        elapsed = time.perf_counter() - timer_start
+        if done > timer_step:
+          metrics["img_per_sec"] = (done - timer_step) * config.batch_size / elapsed
+        timer_step, timer_start = done, time.perf_counter()
+        logger.write(done, "train", metrics)
+        progress.set_postfix(loss=f"{metrics['loss']:.3f}", top1=f"{metrics['top1']:.3f}")
+      if done % eval_every == 0 or done == total_steps:
+        interval.check_all()
+        eval_metrics = evaluate(done)
+        progress.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} "
+                       f"top1 {eval_metrics['top1']:.4f} top5 {eval_metrics['top5']:.4f}")
+        timer_step, timer_start = done, time.perf_counter()
+      if done % config.checkpoint_every_steps == 0 or done == total_steps:
+        save(done)
+    if start_step >= total_steps and not eval_metrics:
+      eval_metrics = evaluate(start_step)
+  finally:
+    progress.close()
+    manager.wait_until_finished()  # A save in flight completes even when the run stops.
+    manager.close()
+    logger.close()
   return eval_metrics

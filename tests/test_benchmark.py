@@ -1,4 +1,5 @@
-"""Smoke tests of efficient_vit.benchmark: a tiny token sweep and one single-config run.
+"""Smoke tests of efficient_vit.benchmark and token_sweep: a tiny token sweep and one
+single-config run.
 
 They check what the benchmark reports (keys, FLOP growth, files), never how fast
 anything runs.
@@ -8,12 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from efficient_vit import benchmark
+from efficient_vit import benchmark, token_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,23 +28,15 @@ SINGLE_RUN_KEYS = {
 }
 
 
-def test_token_sweep_writes_json_and_plot(tmp_path, monkeypatch):
-  # A family whose module file does not exist must be skipped with a note.
-  from efficient_vit.models import REGISTRY
-
-  monkeypatch.setitem(REGISTRY, "vit_missing", ("efficient_vit.models.no_such_module", "X"))
-  monkeypatch.setitem(benchmark.SWEEP_FAMILIES, "vit_missing",
-                      ("quadratic", lambda d, n, p: {**benchmark._vit(d, n, p),
-                                                     "name": "vit_missing"}))
+def test_token_sweep_writes_json_and_plot(tmp_path):
   # Width 16: ViT's N^2 attention already outweighs its per-token projections at 64 tokens.
-  results = benchmark.token_sweep(["vit", "eanet", "vit_missing"], [64, 256],
-                                  out_dir=str(tmp_path), dim=16, depth=1, patch=2,
-                                  batch_size=2, steps=1, log=lambda _: None)
+  results = token_sweep.token_sweep(["vit", "eanet"], [64, 256], out_dir=str(tmp_path),
+                                    dim=16, depth=1, patch=2, batch_size=2, steps=1,
+                                    log=lambda _: None)
 
   with open(tmp_path / "token_sweep.json", encoding="utf-8") as f:
     saved = json.load(f)
   assert saved == json.loads(json.dumps(results))
-  assert "does not exist" in saved["skipped"]["vit_missing"]
   for family in ("vit", "eanet"):
     record = saved["families"][family]
     assert record["stopped"] is None
@@ -74,9 +66,11 @@ def test_token_sweep_writes_json_and_plot(tmp_path, monkeypatch):
   assert width > 1000 and height > 300
 
 
-def test_token_sweep_rejects_non_square_token_counts(tmp_path):
+def test_token_sweep_rejects_bad_families_and_token_counts(tmp_path):
   with pytest.raises(ValueError, match="perfect square"):
-    benchmark.token_sweep(["vit"], [100, 200], out_dir=str(tmp_path))
+    token_sweep.token_sweep(["vit"], [100, 200], out_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="families='mobilevit'; allowed: vit, cct"):
+    token_sweep.token_sweep(["mobilevit"], [64], out_dir=str(tmp_path))
 
 
 def test_peak_table_matches_device_kinds():
@@ -88,20 +82,27 @@ def test_peak_table_matches_device_kinds():
   assert benchmark.peak_tflops_per_device("cpu", "float32") is None
 
 
-def test_single_config_prints_one_json_line():
-  command = [sys.executable, "-m", "efficient_vit.benchmark",
-             "--config=configs/vit.py:tiny_cifar10", "--input=fixed", "--steps=2",
-             "--warmup_steps=1", "--batch_size=4", "--config.model.patch_size=8",
-             "--config.model.hidden_dim=16", "--config.model.depth=1",
-             "--config.model.num_heads=2", "--config.model.mlp_dim=32"]
-  done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        check=False)
-  assert done.returncode == 0, done.stderr[-3000:]
-  lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-  assert len(lines) == 1, done.stdout
+def test_single_config_prints_one_json_line(capsys, monkeypatch):
+  # The command line's own path (flags -> config -> one JSON line), run in this process:
+  # a subprocess would pay TensorFlow's and JAX's imports again.
+  from absl import flags
+
+  config_path = os.path.join(ROOT, "configs", "vit.py")
+  argv = ["benchmark", f"--config={config_path}:tiny_cifar10", "--input=fixed", "--steps=2",
+          "--warmup_steps=1", "--batch_size=4", "--config.model.patch_size=8",
+          "--config.model.hidden_dim=16", "--config.model.depth=1",
+          "--config.model.num_heads=2", "--config.model.mlp_dim=32", "--peak_tflops=0.5"]
+  monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads overrides from sys.argv.
+  try:
+    benchmark.main(flags.FLAGS(argv))
+  finally:
+    flags.FLAGS.unparse_flags()
+  out = capsys.readouterr().out
+  lines = [line for line in out.splitlines() if line.startswith("{")]
+  assert len(lines) == 1, out
   record = json.loads(lines[0])
   assert set(record) == SINGLE_RUN_KEYS
-  assert record["model"] == "vit" and record["config"] == "configs/vit.py:tiny_cifar10"
+  assert record["model"] == "vit" and record["config"] == f"{config_path}:tiny_cifar10"
   assert record["batch_size"] == 4 and record["steps"] == 2
   # 16 tokens of width 16, one block, 10 classes.
   assert 5_000 < record["params"] < 7_000
@@ -117,4 +118,8 @@ def test_single_config_prints_one_json_line():
   assert record["compile_train_s"] > 0 and record["train_step_memory_bytes"] > 0
   if record["platform"] == "cpu":
     assert record["peak_memory_bytes"] is None and record["peak_memory_note"]
-    assert record["mfu"] is None
+  # MFU = train FLOP/s at the fixed-batch rate / (devices x the given peak).
+  flops_per_s = record["train_gflops_per_step"] * 1e9 * record["train_img_per_s_fixed"] / 4
+  expected = flops_per_s / (0.5e12 * record["num_devices"])
+  assert record["peak_tflops_per_device"] == 0.5
+  assert record["mfu"] == pytest.approx(expected, rel=1e-6)

@@ -19,15 +19,13 @@ from efficient_vit.models import build_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _steps(config, kind, num_classes=10):
-  model = build_model(config.model, num_classes)
-  tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch=10, total_steps=100)
-  parallel = train.DataParallel(
-      kind, functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                              label_smoothing=0.1),
-      functools.partial(train.eval_step, model=model))
-  state = train.create_train_state(model, tx, (1, 32, 32, 3), jax.random.key(0))
-  return parallel, state
+def _steps(config, kind):
+  """The trainer's own assembly of `config` under `kind`, for 10 classes."""
+  config.parallelism = kind
+  info = input_pipeline.DatasetInfo(num_classes=10, num_train_examples=80,
+                                    num_eval_examples=0)
+  experiment = train.build(config, info)
+  return experiment.parallel, experiment.init_state()
 
 
 def _fixed_batch(n=8, seed=0):
@@ -83,7 +81,7 @@ def test_shard_map_and_pmap_give_the_same_parameters(tiny_vit_config):
 def test_gradients_are_averaged_over_devices(tiny_vit_config):
   """A 2-device step equals a 1-device step on the whole batch (no dropout). SGD, so that a
   wrong gradient scale (a sum instead of a mean) shows."""
-  tiny_vit_config.optimizer.update(name="sgd", learning_rate=0.1)
+  tiny_vit_config.optimizer.update(name="sgd", learning_rate=0.1, label_smoothing=0.1)
   parallel, state = _steps(tiny_vit_config, "shard_map")
   batch = _fixed_batch()
   new_state, _ = parallel.train_step(parallel.put_state(state), parallel.put_batch(batch),

@@ -1,0 +1,175 @@
+"""Starting a run from trained weights (`config.init_from`): this project's own runs or a
+reference checkpoint (timm, big_vision, official CCT) through `import_weights`.
+
+    --config.init_from.path=runs/vit_pretrain                       # a workdir of this project
+    --config.init_from.path=vit_s16.npz --config.init_from.layout=big_vision_vit \
+        --config.init_from.image_size=224                          # a reference checkpoint
+
+The weights are fitted to the new run's model:
+  - the classifier (`params/head`) is the new model's own fresh one when the class count
+    differs (and kept when it is the same);
+  - learned position embeddings ([1, prefix + g^2, dim], with prefix 0 or 1 class token)
+    are resized over their g x g grid to the new token grid, bicubic, as timm and
+    big_vision resize them for a new resolution (the class token's row is kept);
+  - Swin's relative-position bias tables ([(2W - 1)^2, heads]) are resized the same way
+    for another window size (timm's `resize_rel_pos_bias_table`);
+  - any other leaf that is missing, extra or of another shape is an error naming it.
+The optimizer state starts afresh (and the EMA from the loaded parameters). A workdir that
+already has a checkpoint resumes from it instead: resuming wins over `init_from`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+LAYOUTS = ("project", "timm_vit", "big_vision_vit", "timm_swin", "timm_mobilevit",
+           "cct_official")
+
+
+def validate(init_from) -> None:
+  """Clear errors for `config.init_from` before anything is built or written."""
+  if init_from.layout not in LAYOUTS:
+    raise ValueError(f"config.init_from.layout={init_from.layout!r}; allowed: "
+                     f"{', '.join(LAYOUTS)}")
+  if not init_from.path:
+    return
+  if init_from.layout == "project":
+    if not os.path.exists(os.path.join(init_from.path, "model.json")):
+      raise ValueError(f"config.init_from.path={init_from.path!r}; allowed: a workdir of this "
+                       "project (with model.json and checkpoints/), or a reference checkpoint "
+                       "file with config.init_from.layout set to its layout")
+  elif not os.path.isfile(init_from.path):
+    raise ValueError(f"config.init_from.path={init_from.path!r} is not a file; allowed: a "
+                     f"local {init_from.layout} checkpoint (.safetensors, .npz, .pth, .bin)")
+
+
+def _grid_split(tokens_from: int, tokens_to: int) -> tuple[int, int, int] | None:
+  """(prefix, grid side from, grid side to) with prefix class tokens before square grids."""
+  for prefix in (0, 1):
+    side_from, side_to = math.isqrt(tokens_from - prefix), math.isqrt(tokens_to - prefix)
+    if side_from**2 == tokens_from - prefix and side_to**2 == tokens_to - prefix:
+      return prefix, side_from, side_to
+  return None
+
+
+def resize_position_embedding(table: np.ndarray, tokens: int) -> np.ndarray:
+  """[1, prefix + g^2, dim] -> [1, prefix + tokens_grid, dim]: the grid part resized
+  bicubically to the new square grid; the class token's row (prefix) is kept."""
+  split = _grid_split(table.shape[1], tokens)
+  if split is None:
+    raise ValueError(f"a position embedding of {table.shape[1]} positions cannot be resized "
+                     f"to {tokens}: neither is a square grid (after one class token)")
+  prefix, side_from, side_to = split
+  grid = table[0, prefix:].reshape(side_from, side_from, -1)
+  grid = jax.image.resize(jnp.asarray(grid, jnp.float32), (side_to, side_to, grid.shape[-1]),
+                          method="bicubic", antialias=False)
+  grid = np.asarray(grid, table.dtype).reshape(1, side_to**2, -1)
+  return np.concatenate([table[:, :prefix], grid], axis=1)
+
+
+def resize_relative_bias_table(table: np.ndarray, rows: int) -> np.ndarray:
+  """Swin's [(2W - 1)^2, heads] -> [rows, heads] for another window size, bicubic over the
+  (2W - 1) x (2W - 1) grid of relative offsets."""
+  side_from, side_to = math.isqrt(table.shape[0]), math.isqrt(rows)
+  if side_from**2 != table.shape[0] or side_to**2 != rows:
+    raise ValueError(f"a relative-position bias table of {table.shape[0]} rows cannot be "
+                     f"resized to {rows}: both must be (2W - 1)^2")
+  grid = table.reshape(side_from, side_from, -1)
+  grid = jax.image.resize(jnp.asarray(grid, jnp.float32), (side_to, side_to, grid.shape[-1]),
+                          method="bicubic", antialias=False)
+  return np.asarray(grid, table.dtype).reshape(rows, -1)
+
+
+def fit(source: dict, target: dict, source_name: str) -> dict:
+  """`source` variables fitted to the shapes of `target` (the new model's fresh variables;
+  module docstring for the rules). Returns new variables of `target`'s structure."""
+  flat_source = traverse_util.flatten_dict(dict(source))
+  flat_target = traverse_util.flatten_dict(dict(target))
+  extra = sorted(set(flat_source) - set(flat_target))
+  if extra:
+    raise ValueError(f"{source_name}: {'/'.join(extra[0])} has no place in this model "
+                     f"({len(extra)} leaves of the checkpoint unused)")
+  out = {}
+  for path, fresh in flat_target.items():
+    name = "/".join(path)
+    if path not in flat_source:
+      raise ValueError(f"{source_name} has no {name} (shape {tuple(fresh.shape)}) for this "
+                       "model")
+    value = np.asarray(flat_source[path])
+    if value.shape == fresh.shape:
+      out[path] = value
+    elif path[:2] == ("params", "head"):  # Another class count: the new model's own head.
+      out[path] = np.asarray(fresh)
+    elif path[-2:-1] == ("position_embedding",) and value.ndim == 3:
+      out[path] = resize_position_embedding(value, fresh.shape[1])
+    elif path[-1] == "relative_position_bias_table":
+      out[path] = resize_relative_bias_table(value, fresh.shape[0])
+    else:
+      raise ValueError(f"{source_name}: {name} has shape {value.shape}, this model "
+                       f"{tuple(fresh.shape)}, and it is not a leaf that can be resized")
+    out[path] = jnp.asarray(out[path], fresh.dtype)
+  return traverse_util.unflatten_dict(out)
+
+
+def _project_variables(config) -> tuple[dict, str]:
+  """The latest raw parameters (and batch statistics) of a run of this project."""
+  import orbax.checkpoint as ocp
+
+  path = os.path.abspath(config.init_from.path)
+  with open(os.path.join(path, "model.json"), encoding="utf-8") as f:
+    saved = json.load(f)
+  if saved["model"]["name"] != config.model.name:
+    raise ValueError(f"config.init_from.path={config.init_from.path!r} holds a "
+                     f"{saved['model']['name']!r} model; this run's config.model.name is "
+                     f"{config.model.name!r}")
+  with ocp.CheckpointManager(os.path.join(path, "checkpoints")) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise ValueError(f"config.init_from.path={config.init_from.path!r} has no checkpoint")
+    state = manager.restore(step)["train"]["state"]
+  variables = {"params": state["params"]}
+  if state.get("batch_stats"):
+    variables["batch_stats"] = state["batch_stats"]
+  return variables, f"{config.init_from.path} (step {step})"
+
+
+def _reference_variables(config, model, fresh: dict) -> tuple[dict, str]:
+  """A reference checkpoint's variables at its own resolution; its classifier, or the new
+  model's fresh one where the class counts differ."""
+  from efficient_vit import import_weights
+
+  layout, path = config.init_from.layout, config.init_from.path
+  import_weights.check_reference_fields(layout, model)
+  size = config.init_from.image_size if config.init_from.image_size > 0 else config.image_size
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  state = import_weights.read_state_dict(path)
+  try:
+    return import_weights.convert(state, layout, shapes, source=path), path
+  except ValueError as e:
+    if "head" not in str(e):
+      raise
+  # Another class count: read and drop the reference's classifier, keep the fresh one.
+  template = traverse_util.flatten_dict(dict(shapes))
+  for key, leaf in traverse_util.flatten_dict(dict(fresh)).items():
+    if key[:2] == ("params", "head"):
+      template[key] = leaf
+  template = traverse_util.unflatten_dict(template)
+  return import_weights.convert(state, layout, template, new_head=True, source=path), path
+
+
+def load(config, model, fresh: dict) -> tuple[dict, str]:
+  """The variables to start from, fitted to `fresh` (the new model's own initial
+  variables), and a description of where they came from."""
+  if config.init_from.layout == "project":
+    source, name = _project_variables(config)
+  else:
+    source, name = _reference_variables(config, model, fresh)
+  return fit(source, fresh, name), name
