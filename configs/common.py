@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 1e-4  # Decoupled, on weight matrices only (not biases or norms).
   c.optimizer.warmup_steps = 0  # Linear warmup; warmup_epochs is added to it.
   c.optimizer.warmup_epochs = 0.0
+  c.optimizer.warmup_start_learning_rate = 0.0  # Where the warmup starts (timm's warmup_lr).
+  c.optimizer.min_learning_rate = 0.0  # Where the cosine ends (timm's min_lr).
+  c.optimizer.cooldown_epochs = 0.0  # At min_learning_rate at the end of the run (timm's).
   c.optimizer.schedule = "cosine"  # cosine | step | constant
   c.optimizer.decay_epochs = ()  # schedule=step: epochs at which the rate is multiplied...
   c.optimizer.decay_factor = 0.1  # ...by this factor.
@@ -80,4 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Exponential moving average of the parameters, evaluated beside them (0: none):
   # ema = ema_decay * ema + (1 - ema_decay) * params after every step.
   c.optimizer.ema_decay = 0.0
+  # Gradients averaged over this many micro-batches of each device's share of the batch
+  # before the one update: a recipe's global batch on fewer or smaller devices.
+  c.optimizer.grad_accum_steps = 1
   return c

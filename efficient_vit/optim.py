@@ -10,29 +10,42 @@ SCHEDULES = ("cosine", "step", "constant")
 
 
 def learning_rate_schedule(opt, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to the peak rate, then cosine decay to 0, steps down by
-  `decay_factor` at each of `decay_epochs`, or the constant peak rate."""
+  """Linear warmup from `warmup_start_learning_rate` to the peak rate; then cosine decay to
+  `min_learning_rate`, steps down by `decay_factor` at each of `decay_epochs`, or the
+  constant peak rate; then `cooldown_epochs` at `min_learning_rate` (timm's `warmup_lr`,
+  `min_lr` and `cooldown_epochs`: the cooldown is part of the run's length)."""
   if opt.schedule not in SCHEDULES:
     raise ValueError(f"optimizer.schedule={opt.schedule!r}; allowed: {', '.join(SCHEDULES)}")
   warmup = int(opt.warmup_steps + round(opt.warmup_epochs * steps_per_epoch))
-  if warmup >= total_steps and total_steps > 0 and warmup > 0:
+  cooldown = int(round(opt.cooldown_epochs * steps_per_epoch))
+  if total_steps > 0 and (warmup or cooldown) and warmup + cooldown >= total_steps:
     # Refused rather than clipped: a clipped warmup would silently be another recipe.
     raise ValueError(f"optimizer.warmup_steps={opt.warmup_steps} + optimizer.warmup_epochs="
-                     f"{opt.warmup_epochs} ({warmup} steps); allowed: fewer steps than the "
-                     f"run's {total_steps} (num_train_steps, or num_epochs x {steps_per_epoch} "
-                     "steps per epoch)")
-  peak = opt.learning_rate
+                     f"{opt.warmup_epochs} ({warmup} steps) and optimizer.cooldown_epochs="
+                     f"{opt.cooldown_epochs} ({cooldown} steps); allowed: fewer steps than "
+                     f"the run's {total_steps} (num_train_steps, or num_epochs x "
+                     f"{steps_per_epoch} steps per epoch)")
+  peak, floor = opt.learning_rate, opt.min_learning_rate
+  if not 0.0 <= floor <= peak:
+    raise ValueError(f"optimizer.min_learning_rate={floor}; allowed: from 0 to "
+                     f"optimizer.learning_rate={peak}")
+  main = max(total_steps - warmup - cooldown, 1)
   if opt.schedule == "cosine":
-    after = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
+    after = optax.cosine_decay_schedule(peak, main, alpha=floor / peak if peak else 0.0)
   elif opt.schedule == "step":
     boundaries = {int(round(e * steps_per_epoch)) - warmup: opt.decay_factor
                   for e in opt.decay_epochs}
     after = optax.piecewise_constant_schedule(peak, boundaries)
   else:
     after = optax.constant_schedule(peak)
-  if warmup == 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+  parts, boundaries = [after], []
+  if warmup:
+    parts.insert(0, optax.linear_schedule(opt.warmup_start_learning_rate, peak, warmup))
+    boundaries.append(warmup)
+  if cooldown:
+    parts.append(optax.constant_schedule(floor))
+    boundaries.append(warmup + main)
+  return optax.join_schedules(parts, boundaries) if boundaries else after
 
 
 # Parameters that are tables rather than weights: decaying them towards zero has no

@@ -23,6 +23,8 @@ import itertools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -95,30 +97,54 @@ def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               label_smoothing: float, ema_decay: float = 0.0,
+               label_smoothing: float, ema_decay: float = 0.0, grad_accum_steps: int = 1,
                skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
   """One optimizer step on this device's shard of the batch.
 
   `rng` is the run's base key (raw key data); dropout and drop-path keys are folded from
-  it per step and per device. Gradients, batch statistics and metrics are averaged over
-  the `data` axis, so every device ends with the same state. `metrics["finite"]` is 1 when
-  the loss and every gradient are finite; with `skip_nonfinite` a step where they are not
-  leaves the parameters, optimizer state, batch statistics and EMA as they were (the step
-  counter still advances, so the data does too).
+  it per step, device and micro-batch. With `grad_accum_steps` k > 1 the shard is split
+  into k micro-batches whose gradients are averaged (a `lax.scan`, so that only one
+  micro-batch's activations are alive at a time) before the one update: the update of a
+  batch k times larger than memory allows. Batch statistics are then updated once per
+  micro-batch. Gradients, batch statistics and metrics are averaged over the `data` axis,
+  so every device ends with the same state. `metrics["finite"]` is 1 when the loss and
+  every gradient are finite; with `skip_nonfinite` a step where they are not leaves the
+  parameters, optimizer state, batch statistics and EMA as they were (the step counter
+  still advances, so the data does too).
   """
   key = jax.random.wrap_key_data(rng)
   key = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(AXIS))
 
-  def loss_fn(params):
-    variables = {**model_variables(state), "params": params}
-    outputs = model.apply(variables, batch["image"], train=True, rngs={"dropout": key},
-                          mutable=["batch_stats"] if state.batch_stats else False)
-    logits, updates = outputs if state.batch_stats else (outputs, {})
-    loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
-    return loss, (logits, updates.get("batch_stats", {}))
+  def loss_fn(params, batch_stats, micro_batch, micro_key):
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    outputs = model.apply(variables, micro_batch["image"], train=True,
+                          rngs={"dropout": micro_key},
+                          mutable=["batch_stats"] if batch_stats else False)
+    logits, updates = outputs if batch_stats else (outputs, {})
+    loss = cross_entropy(logits, micro_batch["label"], label_smoothing).mean()
+    top1 = top_k_correct(logits, micro_batch["label"], 1).mean()
+    return loss, (top1, updates.get("batch_stats", {}))
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum_steps == 1:
+    (loss, (top1, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, key)
+  else:
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
+
+    def accumulate(carry, inputs):
+      grads, batch_stats, loss, top1 = carry
+      index, micro_batch = inputs
+      (micro_loss, (micro_top1, batch_stats)), micro_grads = grad_fn(
+          state.params, batch_stats, micro_batch, jax.random.fold_in(key, index))
+      grads = jax.tree.map(jnp.add, grads, micro_grads)
+      return (grads, batch_stats, loss + micro_loss, top1 + micro_top1), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, batch_stats, loss, top1), _ = jax.lax.scan(
+        accumulate, (zeros, state.batch_stats, 0.0, 0.0),
+        (jnp.arange(grad_accum_steps), micro_batches))
+    grads, loss, top1 = jax.tree.map(lambda x: x / grad_accum_steps, (grads, loss, top1))
   grads = jax.lax.pmean(grads, AXIS)
   batch_stats = jax.lax.pmean(batch_stats, AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -126,8 +152,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
   ema_params = state.ema_params
   if ema_decay:
     ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
-  metrics = jax.lax.pmean({"loss": loss,
-                           "top1": top_k_correct(logits, batch["label"], 1).mean()}, AXIS)
+  metrics = jax.lax.pmean({"loss": loss, "top1": top1}, AXIS)
   finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
   metrics["finite"] = finite.astype(jnp.float32)
   metrics["learning_rate"] = schedule(state.step)
@@ -297,6 +322,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   init_from.validate(config.init_from)
   input_pipeline.per_host_batch_size(config.batch_size)
   devices = jax.device_count()
+  accum = config.optimizer.grad_accum_steps
+  if accum < 1 or config.batch_size % (devices * accum):
+    raise ValueError(f"config.optimizer.grad_accum_steps={accum}; allowed: a positive number "
+                     f"of micro-batches that divides each device's share of "
+                     f"config.batch_size={config.batch_size} ({devices} devices)")
   if config.eval_batch_size > 0 and config.eval_batch_size % devices:
     raise ValueError(f"config.eval_batch_size={config.eval_batch_size}; allowed: -1 (the "
                      f"batch_size) or a multiple of the number of devices ({devices})")
@@ -371,6 +401,7 @@ def build(config: ml_collections.ConfigDict,
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                            label_smoothing=config.optimizer.label_smoothing,
                            ema_decay=config.optimizer.ema_decay,
+                           grad_accum_steps=config.optimizer.grad_accum_steps,
                            skip_nonfinite=config.nonfinite == "skip")
   parallel = data_parallel(config.parallelism, step, functools.partial(eval_step, model=model))
   experiment = Experiment(config=config, info=info, model=model, tx=tx, schedule=schedule,
@@ -391,14 +422,15 @@ def _shaping_fields(config_json: dict) -> dict:
   return out
 
 
-def _check_workdir(config, workdir: str, has_checkpoint: bool) -> None:
+def _check_workdir(config, workdir: str, has_checkpoint: bool) -> dict | None:
   """Refuses to resume a workdir whose checkpoints were made for another model or data,
-  before anything in it is touched."""
+  before anything in it is touched; returns the saved config of a run to resume."""
   path = os.path.join(workdir, "config.json")
   if not (has_checkpoint and os.path.exists(path)):
-    return
+    return None
   with open(path, encoding="utf-8") as f:
-    saved = _shaping_fields(json.load(f))
+    saved_config = json.load(f)
+  saved = _shaping_fields(saved_config)
   current = _shaping_fields(json.loads(config.to_json_best_effort()))
   for field in _CHECKPOINT_SHAPING_FIELDS:
     if saved[field] != current[field]:
@@ -406,6 +438,41 @@ def _check_workdir(config, workdir: str, has_checkpoint: bool) -> None:
           f"config.{field} differs from the run whose checkpoints are in {workdir} "
           f"(saved: {saved[field]!r}, now: {current[field]!r}); use a new --workdir, or the "
           "saved value to resume.")
+  return saved_config
+
+
+def _input_pipeline_of_run(config, saved_config: dict | None) -> str:
+  """The input pipeline this run uses: a resumed run keeps the one it started with (another
+  pipeline is another data order), whatever `auto` would pick on this machine."""
+  saved = (saved_config or {}).get("input_pipeline")
+  if saved not in ("device", "tfdata"):
+    return device_input.resolve(config)
+  if config.input_pipeline not in ("auto", saved):
+    raise ValueError(f"config.input_pipeline={config.input_pipeline!r}, but the run being "
+                     f"resumed was trained with {saved!r}, and another pipeline gives another "
+                     f"data order; allowed: 'auto' or {saved!r} (or a new --workdir)")
+  return saved
+
+
+class _Preemption:
+  """Turns SIGTERM (what TPU and cloud schedulers send before they stop a machine) into a
+  flag that the train loop reads after each step: it then saves and returns cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _write_run_files(config, workdir: str, info: input_pipeline.DatasetInfo) -> None:
@@ -491,7 +558,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if os.path.isdir(checkpoint_dir):
     with ocp.CheckpointManager(checkpoint_dir) as reader:
       latest = reader.latest_step()
-  _check_workdir(config, workdir, latest is not None)
+  saved_config = _check_workdir(config, workdir, latest is not None)
+  config = config.copy_and_resolve_references()  # The resolved config, as config.json has it.
+  config.input_pipeline = _input_pipeline_of_run(config, saved_config)
   if latest is None:  # A new run: its initial state, before anything is written.
     checkpoint["state"] = experiment.init_state()
     if config.init_from.path:
@@ -521,7 +590,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   devices = jax.devices()
   print(f"model {config.model.name}: {num_params:,} parameters; {len(devices)} "
         f"{devices[0].platform} devices ({devices[0].device_kind}) in {jax.process_count()} "
-        f"process(es), parallelism {parallel.kind}", flush=True)
+        f"process(es), parallelism {parallel.kind}, input pipeline {config.input_pipeline}",
+        flush=True)
 
   logger = metric_logging.MetricLogger(workdir)
   batches = batch_source(config, parallel, start_step)
@@ -555,32 +625,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_metrics = {}
   timer_step, timer_start = None, None
   try:
-    for step in range(start_step, total_steps):
-      state, metrics = parallel.train_step(state, next(batches), rng)
-      if parallel.block_each_step:
-        jax.block_until_ready(metrics)
-      done = step + 1
-      interval.add(done, metrics)
-      progress.update(1)
-      if timer_step is None:  # The first step compiles: time from its end on.
-        jax.block_until_ready(metrics)
-        timer_step, timer_start = done, time.perf_counter()
-      if done % config.log_every_steps == 0 or done == total_steps:
-        metrics = interval.mean()
-        elapsed = time.perf_counter() - timer_start
-        if done > timer_step:
-          metrics["img_per_sec"] = (done - timer_step) * config.batch_size / elapsed
-        timer_step, timer_start = done, time.perf_counter()
-        logger.write(done, "train", metrics)
-        progress.set_postfix(loss=f"{metrics['loss']:.3f}", top1=f"{metrics['top1']:.3f}")
-      if done % eval_every == 0 or done == total_steps:
-        interval.check_all()
-        eval_metrics = evaluate(done)
-        progress.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} "
-                       f"top1 {eval_metrics['top1']:.4f} top5 {eval_metrics['top5']:.4f}")
-        timer_step, timer_start = done, time.perf_counter()
-      if done % config.checkpoint_every_steps == 0 or done == total_steps:
-        save(done)
+    with _Preemption() as preemption:
+      for step in range(start_step, total_steps):
+        state, metrics = parallel.train_step(state, next(batches), rng)
+        if parallel.block_each_step:
+          jax.block_until_ready(metrics)
+        done = step + 1
+        interval.add(done, metrics)
+        progress.update(1)
+        if timer_step is None:  # The first step compiles: time from its end on.
+          jax.block_until_ready(metrics)
+          timer_step, timer_start = done, time.perf_counter()
+        if done % config.log_every_steps == 0 or done == total_steps:
+          metrics = interval.mean()
+          elapsed = time.perf_counter() - timer_start
+          if done > timer_step:
+            metrics["img_per_sec"] = (done - timer_step) * config.batch_size / elapsed
+          timer_step, timer_start = done, time.perf_counter()
+          logger.write(done, "train", metrics)
+          progress.set_postfix(loss=f"{metrics['loss']:.3f}", top1=f"{metrics['top1']:.3f}")
+        if done % eval_every == 0 or done == total_steps:
+          interval.check_all()
+          eval_metrics = evaluate(done)
+          progress.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} "
+                         f"top1 {eval_metrics['top1']:.4f} top5 {eval_metrics['top5']:.4f}")
+          timer_step, timer_start = done, time.perf_counter()
+        if (done % config.checkpoint_every_steps == 0 or done == total_steps
+            or preemption.requested):
+          save(done)
+        if preemption.requested and done < total_steps:
+          progress.write(f"SIGTERM: saved step {done} of {total_steps} and stopped; the same "
+                         "command resumes the run")
+          break
     if start_step >= total_steps and not eval_metrics:
       eval_metrics = evaluate(start_step)
   finally:

@@ -90,7 +90,14 @@ def test_eval_batch_not_divisible_over_the_devices(refuse, tiny_vit_config):
 def test_warmup_longer_than_the_run_is_refused(refuse, tiny_vit_config):
   tiny_vit_config.optimizer.update(warmup_steps=4, warmup_epochs=0.5)  # 4 + 5 steps > 6.
   refuse(tiny_vit_config, message=r"optimizer.warmup_steps=4 \+ optimizer.warmup_epochs=0.5 "
-         r"\(9 steps\); allowed: fewer steps than the run's 6")
+         r"\(9 steps\) and optimizer.cooldown_epochs=0.0 \(0 steps\); allowed: fewer steps "
+         r"than the run's 6")
+
+
+def test_micro_batches_that_do_not_divide_the_device_batch(refuse, tiny_vit_config):
+  tiny_vit_config.optimizer.grad_accum_steps = 3  # 8 examples over 2 devices: 4 each.
+  refuse(tiny_vit_config, message=r"config.optimizer.grad_accum_steps=3; allowed: a positive "
+         r"number of micro-batches that divides each device's share of config.batch_size=8")
 
 
 def test_unknown_nonfinite_policy(refuse, tiny_vit_config):
