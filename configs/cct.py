@@ -9,7 +9,7 @@ smoothing 0.1, batch 128, 30 epochs, random flip; the example reports 76.76% top
 98.39% top-5 after 30 epochs). 416,331 parameters here for 10 classes.
 
     TFDS_DATA_DIR=$(realpath ../shared/tensorflow_datasets) \
-      uv run launch.py --config configs/cct.py --workdir /tmp/cct_run
+      uv run launch.py --config configs/cct.py --workdir runs/cct_run
 
 Where the default departs from the example:
 - The example's RandomCrop(32, 32) on 32 x 32 images crops nothing, so `augment.crop` is
@@ -17,24 +17,40 @@ Where the default departs from the example:
 - The example holds out the last 10% of the training set for validation and reports the
   test accuracy of its best-validation checkpoint; here all 50,000 images train and the
   test split is evaluated as the run goes.
-- The tokenizer pads before each convolution (official code) where the example pads after
-  the ReLU; shapes and parameter count are the same.
+- The example calls its position `Embedding` on a constant range while building the
+  functional model, so (rebuilt in Keras 3, at least) the table is a constant of the graph,
+  initialised at random and never trained, and not among the model's weights; here it is a
+  learned parameter (the config contract has no field to freeze it). Loading the example's
+  weights therefore also needs that table (`extra['position_embedding']` of
+  efficient_vit/import_keras.py).
 - Weight decay skips biases and norms here (the example decays every variable), and the
   shared encoder block also drops out the attention output (rate 0.1).
+The model itself computes what the example's computes (`tokenizer_form='keras'`: valid
+conv, ReLU, zero padding, TensorFlow "same" max-pool; exact GELU; pre-norm blocks):
+tests/test_fidelity_keras.py::test_logits_match_keras_example[cct] gives it the weights of
+the example's model (rebuilt by tests/make_reference_fixtures_keras.py, sizes reduced) and
+compares the logits.
 
 Measured, the default on CIFAR-10 (JPEG copy), 2-core CPU shared with four to five other
 jobs (about 60 img/s under that load), stopped after 2 of its 30 epochs when the session
 ended (the remaining 28 would take about 6 hours at that rate):
 
     TFDS_DATA_DIR=$(realpath ../shared/tensorflow_datasets) uv run launch.py \
-      --config configs/cct.py --workdir /tmp/cct_run --config.eval_every_steps=390
+      --config configs/cct.py --workdir runs/cct_run --config.eval_every_steps=390
 
   epoch 1 (step 390): eval top-1 53.31%, top-5 94.56%, loss 1.294
   epoch 2 (step 780): eval top-1 62.18%, top-5 96.44%, loss 1.087
   (the Keras example's published curve reaches 76.76% at epoch 30)
 
-Presets (`--config configs/cct.py:NAME`), architectures as in the official code, each with
-its published parameter count (measured here, for the published number of classes):
+Presets (`--config configs/cct.py:NAME`), architectures as in the official code
+(SHI-Labs/Compact-Transformers src/cct.py, src/cvt.py, src/vit.py and
+src/utils/transformers.py: the block normalises the residual stream after the attention,
+exact GELU, no q/k/v bias, LayerNorm eps 1e-5), each with its published parameter count
+(measured here, for the published number of classes), checked by
+tests/test_cct.py::test_preset_parameter_count_matches_published; the computation is checked
+by tests/test_fidelity.py::test_logits_match_reference[cct_learned] and [cct_sine] (the
+cct_2_3x2 / cct_6_3x1 fields, width reduced: the official code's weights, via vit-pytorch's
+copy, give its logits within 1e-4):
   cct_2_3x2     0.284M (283,723)    cct_4_3x2   0.482M (482,123)
   cct_6_3x2     3.327M (3,326,923)  cct_7_3x2   3.853M (3,853,259)
   cct_6_3x1     3.168M (3,168,267; sine position embedding: the published count has no
@@ -78,8 +94,17 @@ def _paper_model(family: str, depth: int, size: int, conv_layers: int) -> dict:
   """Model fields of an official preset: CCT-depth/size x conv_layers, CVT/ViT-Lite-depth/size."""
   width, heads, ratio = _SIZES[depth]
   fields = dict(depth=depth, hidden_dim=width, num_heads=heads, mlp_dim=width * ratio,
-                qkv_bias=False, layer_norm_epsilon=1e-5, dropout_rate=0.0,
-                attention_dropout_rate=0.1, drop_path_rate=0.1, position_embedding="learned")
+                dropout_rate=0.0, attention_dropout_rate=0.1, drop_path_rate=0.1,
+                position_embedding="learned",
+                # Compact-Transformers src/utils/transformers.py, TransformerEncoderLayer:
+                # src = src + drop_path(self_attn(pre_norm(src))); src = norm1(src); ...
+                block_form="cct",
+                # ...; its activation F.gelu (exact);
+                mlp_activation="gelu",
+                # Attention: qkv Linear(bias=False), proj Linear with bias;
+                qkv_bias=False,
+                # nn.LayerNorm's default epsilon.
+                norm_epsilon=1e-5)
   if family == "cct":
     # The official rule for a k x k tokenizer: stride max(1, k // 2 - 1), padding
     # max(1, k // 2) (3x3: stride 1, padding 1; 7x7: stride 2, padding 3).
@@ -107,8 +132,15 @@ def get_config(preset: str = "keras"):
                    conv_stride=1, conv_padding=1, pool_kernel_size=3, pool_stride=2,
                    pool_padding=1, hidden_dim=128, depth=2, num_heads=2, head_dim=128,
                    mlp_dim=128, mlp_activate_last=True, qkv_bias=True, pooling="seq",
-                   position_embedding="learned", layer_norm_epsilon=1e-5, dropout_rate=0.1,
-                   attention_dropout_rate=0.1, drop_path_rate=0.1)
+                   position_embedding="learned", norm_epsilon=1e-5, dropout_rate=0.1,
+                   attention_dropout_rate=0.1, drop_path_rate=0.1,
+                   # keras-io examples/vision/cct.py: CCTTokenizer is Conv2D(padding="valid",
+                   # relu) -> ZeroPadding2D(1) -> MaxPool2D(3, 2, "same");
+                   tokenizer_form="keras",
+                   # its `mlp` Dense(activation=tf.nn.gelu) is the exact (erf) GELU;
+                   mlp_activation="gelu",
+                   # its blocks add both branches to the un-normalised stream (pre-norm).
+                   block_form="pre_norm")
     c.optimizer.update(name="adamw", learning_rate=1e-3, weight_decay=1e-4,
                        schedule="constant", label_smoothing=0.1)
   elif preset in _PRESETS:

@@ -10,11 +10,17 @@ the self-attention twin with "0.6M". Here (100 classes): 361,380 parameters with
 external attention, 623,268 with self-attention, the same as the Keras model's
 trainable weights (see the EANet docstring for the term-by-term count).
 
-    uv run launch.py --config configs/eanet.py --workdir /tmp/eanet_keras
-    uv run launch.py --config configs/eanet.py --workdir /tmp/eanet_self \
+    uv run launch.py --config configs/eanet.py --workdir runs/eanet_keras
+    uv run launch.py --config configs/eanet.py --workdir runs/eanet_self \
         --config.model.attention=self        # the example's comparison, one flag
 
-Differences from the example, all outside the model:
+Both models compute what the example's compute (exact GELU, LayerNorm eps 1e-5, the
+double-normalised external attention with its biases): checked by
+tests/test_fidelity_keras.py::test_logits_match_keras_example[eanet] and [eanet_self], which
+rebuild the example's models in Keras 3 (tests/make_reference_fixtures_keras.py, sizes
+reduced) and load their weights through efficient_vit/import_keras.py.
+
+Differences from the example, all outside the model (training only):
   - tfa's AdamW subtracts weight_decay * w per step, not scaled by the learning rate;
     optax's adamw (our trainer) subtracts learning_rate * weight_decay * w, so with
     the constant 1e-3 rate the example's decay corresponds to weight_decay=0.1 here.
@@ -22,12 +28,14 @@ Differences from the example, all outside the model:
   - The example normalises inputs with statistics adapted on the training images; our
     pipeline uses fixed per-dataset channel means and stds.
   - The self-attention twin gets dropout_rate after its attention output too (see EANet).
+  - The example's last Dense has a softmax and its loss takes probabilities; here the model
+    returns the logits before it (the same predictions).
 
 Measured, default model on CIFAR-10 (JPEG copy), 2-core CPU shared with other jobs (load
 about 10), only a smoke test of learning (80 steps at batch 32 = 0.06 epoch):
 
-    TFDS_DATA_DIR=/work/shared/tensorflow_datasets nice -n 10 uv run launch.py \
-        --config configs/eanet.py --workdir /tmp/eanet_run --config.dataset=cifar10 \
+    TFDS_DATA_DIR=$(realpath ../shared/tensorflow_datasets) nice -n 10 uv run launch.py \
+        --config configs/eanet.py --workdir runs/eanet_run --config.dataset=cifar10 \
         --config.batch_size=32 --config.num_train_steps=80 --config.log_every_steps=10 \
         --config.eval_split='train[80%:81%]'
 
@@ -67,7 +75,10 @@ def get_config(preset: str = "keras"):
   c.model.name = "eanet"
   c.model.update(patch_size=2, hidden_dim=64, depth=8, num_heads=4, dim_coefficient=4,
                  mlp_dim=64, attention="external", head_dim=64, dropout_rate=0.2,
-                 attention_dropout_rate=0.2, layer_norm_epsilon=1e-5)
+                 attention_dropout_rate=0.2,
+                 # keras-io examples/vision/eanet.py: LayerNormalization(epsilon=1e-5) and
+                 # `mlp`'s Dense(activation=tf.nn.gelu), the exact (erf) GELU.
+                 norm_epsilon=1e-5, mlp_activation="gelu")
   # S per head; unset: hidden_dim // dim_coefficient = 16, as in the example.
   c.model.memory_units = config_dict.placeholder(int)
   if preset == "keras_self":

@@ -6,12 +6,17 @@ image classification" (tf_flowers at 256, train[:90%] / train[90%:], resize to 2
 label smoothing 0.1, batch 64, 30 epochs). The example reports 1,307,621 parameters (of
 which 2,544 are batch-norm statistics) and 86.1% validation accuracy; here the model has
 1,305,077 trainable parameters + 2,544 `batch_stats` = 1,307,621 for 5 classes.
-Differences from the example: the shared pipeline normalises pixels with ImageNet's mean and
-std (the example divides by 255), optax's Adam epsilon is 1e-8 (Keras 1e-7), and attention
-runs over the patches of each pixel position as in the paper (the example's Keras attention
-covers all positions of the map; see efficient_vit/models/mobilevit.py).
+The model computes what the example's computes (attention over all positions of the map:
+`patch_size=1`; TensorFlow "same" padding: `conv_padding='same'`): checked by
+tests/test_fidelity_keras.py::test_logits_match_keras_example[mobilevit], which gives it the
+weights of the example's model (rebuilt in Keras 3, widths reduced) and compares the
+logits. Weights trained with the example load through efficient_vit/import_keras.py; its
+model takes pixels in [0, 255] and divides by 255 itself (`KerasImport.preprocess`).
+Differences in training only: the shared pipeline normalises pixels with ImageNet's mean
+and std (the example divides by 255; the config contract has no field to change that yet),
+and optax's Adam epsilon is 1e-8 (Keras 1e-7; no contract field either).
 
-    uv run launch.py --config configs/mobilevit.py --workdir /tmp/mobilevit_keras
+    uv run launch.py --config configs/mobilevit.py --workdir runs/mobilevit_keras
 
   Measured: not yet measured (tf_flowers is not prepared on these offline machines; the
   test suite runs this config end to end on `tfds.testing.mock_data`).
@@ -24,13 +29,19 @@ Presets (`--config configs/mobilevit.py:NAME`):
       2,317,848 / 5,578,632 (published 1.27M / 2.32M / 5.58M; ImageNet top-1 69.0 / 74.8 /
       78.4). Not reproduced here: ml-cvnets' multi-scale batch sampler, EMA of the weights
       and the cosine floor of 2e-4 (the contract has no fields for them).
+      Architecture source: apple/ml-cvnets cvnets/models/classification/mobilevit.py and
+      cvnets/modules/mobilevit_block.py (timm's timm/models/mobilevit.py computes the same).
+      Backed by tests/test_mobilevit.py::test_paper_preset_parameter_counts (the counts
+      above) and tests/test_fidelity.py::test_logits_match_reference[timm_mobilevit] (these
+      fields, widths and depths reduced: a timm MobileViT's weights and batch-norm
+      statistics give its logits within 1e-4).
   cifar10 - XXS widths on CIFAR-10 at 32x32. The stem and the first stage keep stride 1 and
       the last MobileViT stage has stride 1 too, so the maps are 32 -> 32 -> 16 -> 8 -> 4 -> 4
       and every MobileViT stage is divisible by the 2x2 patch. 954,234 trainable parameters
       (+ 4,112 batch-norm statistics) for 10 classes.
 
-      TFDS_DATA_DIR=/work/shared/tensorflow_datasets nice -n 10 uv run launch.py \
-          --config configs/mobilevit.py:cifar10 --workdir /tmp/mobilevit_run \
+      TFDS_DATA_DIR=$(realpath ../shared/tensorflow_datasets) nice -n 10 uv run launch.py \
+          --config configs/mobilevit.py:cifar10 --workdir runs/mobilevit_run \
           --config.num_train_steps=100 --config.batch_size=64 --config.log_every_steps=10 \
           --config.optimizer.warmup_epochs=0 --config.optimizer.warmup_steps=10 \
           --config.eval_split='test[:2000]'
@@ -79,7 +90,16 @@ def get_config(preset: str = "keras"):
     c.batch_size = 64
     c.num_epochs = 30.0
     c.model.update(variant="keras", num_heads=2, dropout_rate=0.1, attention_dropout_rate=0.1,
-                   head_dropout_rate=0.0, **PAPER_SIZES["xxs"])
+                   head_dropout_rate=0.0, **PAPER_SIZES["xxs"],
+                   # keras-io examples/vision/mobilevit.py: `mobilevit_block` reshapes the map
+                   # to [4, hw / 4, d] and its MultiHeadAttention attends over both axes, i.e.
+                   # over all hw positions: one "patch" of 1 pixel here.
+                   patch_size=1,
+                   # conv_block's Conv2D(padding="same") and the strided DepthwiseConv2D after
+                   # ZeroPadding2D(correct_pad(...)): TensorFlow's "same" padding.
+                   conv_padding="same",
+                   # mlp's Dense(activation=tf.nn.swish).
+                   mlp_activation="silu")
     c.optimizer.update(name="adamw", learning_rate=2e-3, weight_decay=0.0, schedule="constant",
                        label_smoothing=0.1)
   elif preset in PAPER_SIZES:
@@ -93,7 +113,10 @@ def get_config(preset: str = "keras"):
     c.eval_every_steps = 5000
     c.checkpoint_every_steps = 5000
     c.model.update(variant="paper", num_heads=4, dropout_rate=0.1, attention_dropout_rate=0.0,
-                   head_dropout_rate=0.1, **PAPER_SIZES[preset])
+                   head_dropout_rate=0.1, **PAPER_SIZES[preset],
+                   # ml-cvnets config/classification/imagenet/mobilevit.yaml: activation
+                   # swish (SiLU) in the convolutions and the transformers' FFNs.
+                   mlp_activation="silu")
     c.optimizer.update(name="adamw", learning_rate=2e-3, weight_decay=0.01, warmup_steps=20_000,
                        schedule="cosine", label_smoothing=0.1)
   else:  # cifar10

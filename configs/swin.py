@@ -7,17 +7,31 @@ the embedding; then one patch merging (no norm, 256 -> 128), average pooling and
 dropout 0.03; label smoothing 0.1; AdamW 1e-3, wd 1e-4, constant rate; batch 128; 40 epochs
 on 90% of the training set). The example reports 44.8% top-1 / 75.23% top-5 on CIFAR-100.
 
-    uv run launch.py --config configs/swin.py --workdir /tmp/swin_keras
+    uv run launch.py --config configs/swin.py --workdir runs/swin_keras
 
 Parameters here: 162,996 with 100 classes, exactly the trainable count of the example's
 code (Keras `count_params()` gives 164,052 because it adds the 1,056 non-trainable index and
 mask entries). The example's text says "152K": that is its 10-class build (152,442 in Keras
 with the buffers, 151,386 trainable, which is what this model has with 10 classes).
 
-Deviations from the example, none of which changes the parameter count:
+The model computes what the example's computes (exact GELU, q/k/v biases, LayerNorm eps
+1e-5, its window attention and patch merging): checked by
+tests/test_fidelity_keras.py::test_logits_match_keras_example[swin], which rebuilds the
+example's model in Keras 3 (tests/make_reference_fixtures_keras.py, sizes reduced) and
+loads its weights through efficient_vit/import_keras.py (the example's fused qkv Dense is
+split into q, k, v; its stored index and mask buffers are checked against this model's).
+
+Deviations from the example, none of which changes the parameter count or, at this
+preset's sizes, the eval output:
   - Its augmentation is `random_crop(32, 32)` of a 32x32 image (a no-op) + horizontal flip,
     so `augment.crop = "none"` with `flip = True` here.
-  - Its shifted-window mask is an additive -100; here masked pairs get exactly zero weight.
+  - Its shifted-window mask is an additive -100; here masked pairs get exactly zero weight
+    (the same in float32 unless two logits of a window differ by more than about 80).
+  - It holds out 10% of the training set for validation: `train_split` is `train[:90%]`
+    here too, but the test split is evaluated as the run goes.
+  - On a feature map exactly as large as the window (not at this preset's 16x16 with window
+    2) the example still shifts (its test is `min(num_patch) < window_size`); here the
+    official rule applies (`<=`: one window, no shift).
   - Its residual-branch dropout (DropPath(0.03) in the 2021 version, Dropout(0.03) in the
     Keras 3 version) is stochastic depth rising linearly to 0.03 over the two blocks here.
   - Keras' AdamW decays every variable; the trainer here decays weight matrices only.
@@ -25,8 +39,8 @@ Deviations from the example, none of which changes the parameter count:
 
 Measured (CIFAR-10 JPEG copy, 2-core CPU shared with ~5 other jobs, load average ~10):
 
-    TFDS_DATA_DIR=/work/shared/tensorflow_datasets nice -n 10 uv run launch.py \
-        --config configs/swin.py --workdir /tmp/swin_run --config.dataset=cifar10 \
+    TFDS_DATA_DIR=$(realpath ../shared/tensorflow_datasets) nice -n 10 uv run launch.py \
+        --config configs/swin.py --workdir runs/swin_run --config.dataset=cifar10 \
         --config.num_train_steps=70 --config.log_every_steps=10
 
   70 steps of batch 128 (8,960 images, 0.2 epoch), 10.5 min wall in all (~21 img/s; the
@@ -46,6 +60,13 @@ Presets (`--config configs/swin.py:NAME`):
   erasing, which the config contract has no fields for, and weight decay: the official
   code exempts `relative_position_bias_table` (and `absolute_pos_embed`), while the
   trainer's mask decays every parameter with ndim > 1, these included. Not yet measured.
+  Architecture source: microsoft/Swin-Transformer models/swin_transformer.py (the same
+  computation as timm's timm/models/swin_transformer.py): exact GELU, LayerNorm eps 1e-5,
+  q/k/v biases, patch norm, merging norm, final norm. Backed by
+  tests/test_swin.py::test_preset_parameter_counts (the official counts above, exactly) and
+  tests/test_fidelity.py::test_logits_match_reference[timm_swin] (these fields, sizes
+  reduced: a timm SwinTransformer's weights give its logits within 1e-4, shifted windows
+  and patch merging included).
 """
 
 from configs import common
@@ -76,7 +97,11 @@ def get_config(preset: str = "keras"):
                    shift_size=1, mlp_ratio=4.0, patch_norm=False,
                    absolute_position_embedding=True, merge_after_last_stage=True,
                    merge_norm=False, final_norm=False, dropout_rate=0.03,
-                   attention_dropout_rate=0.03, drop_path_rate=0.03)
+                   attention_dropout_rate=0.03, drop_path_rate=0.03,
+                   # keras-io examples/vision/swin_transformers.py: the MLP's
+                   # Activation(keras.activations.gelu) is the exact (erf) GELU; qkv
+                   # Dense(use_bias=qkv_bias=True); LayerNormalization(epsilon=1e-5).
+                   mlp_activation="gelu", qkv_bias=True, norm_epsilon=1e-5)
     c.optimizer.update(name="adamw", learning_rate=1e-3, weight_decay=1e-4,
                        schedule="constant", label_smoothing=0.1)
   elif preset in _IMAGENET_MODELS:
@@ -95,7 +120,10 @@ def get_config(preset: str = "keras"):
                    window_size=7, shift_size=3, mlp_ratio=4.0, patch_norm=True,
                    absolute_position_embedding=False, merge_after_last_stage=False,
                    merge_norm=True, final_norm=True, dropout_rate=0.0,
-                   attention_dropout_rate=0.0, drop_path_rate=drop_path_rate)
+                   attention_dropout_rate=0.0, drop_path_rate=drop_path_rate,
+                   # microsoft/Swin-Transformer models/swin_transformer.py: Mlp act_layer
+                   # nn.GELU (exact), norm_layer nn.LayerNorm (eps 1e-5), qkv_bias=True.
+                   mlp_activation="gelu", norm_epsilon=1e-5, qkv_bias=True)
     c.optimizer.update(name="adamw", learning_rate=1e-3, weight_decay=0.05, warmup_epochs=20.0,
                        schedule="cosine", label_smoothing=0.1, grad_clip_norm=5.0)
   else:

@@ -5,13 +5,36 @@ resized to 72, patch 6 = 144 tokens, 8 blocks of width 64 with 4 heads of key_di
 MLP [128, 64], flatten + MLP head [2048, 1024], AdamW 1e-3 wd 1e-4, batch 256, 100 epochs;
 the example reports 55.14% top-1). 21.76M parameters here for 100 classes.
 
-    uv run launch.py --config configs/vit.py --workdir /tmp/vit_keras
+    uv run launch.py --config configs/vit.py --workdir runs/vit_keras
+
+The model computes what the example's computes (exact GELU after both layers of every MLP,
+the head's included; LayerNorm eps 1e-6; attention key_dim = width): checked by
+tests/test_fidelity_keras.py::test_logits_match_keras_example[vit], which rebuilds the
+example's model in Keras 3 (tests/make_reference_fixtures_keras.py, sizes reduced) and
+loads its weights through efficient_vit/import_keras.py. The sizes here are those of the
+example's TensorFlow version (width = projection_dim = 64); its Keras 3 version widens the
+tokens to projection_dim * num_heads = 256 with MLP [512, 256] (`--config.model.hidden_dim=256
+--config.model.mlp_dim=512`; key_dim stays 64: `--config.model.head_dim=64`).
+Differences in training only: the example holds out 10% of the training set for validation
+(`--config.train_split='train[:90%]'` restores that) and normalises with statistics adapted
+on the training images, where the pipeline here uses fixed per-dataset ones.
 
 Presets (`--config configs/vit.py:NAME`):
   tiny_cifar10 - a small ViT (patch 4, dim 128, 4 blocks, 1 epoch) that shows learning on a
       CPU: measured 39.93% top-1 / 89.67% top-5 on CIFAR-10 (JPEG copy) after its one epoch,
       in 9 min 34 s wall on the 2-core CPU (one other job running); command in README.
   s16_imagenet - ViT-S/16 at 224 on ImageNet (22.05M parameters with 1,000 classes).
+      Architecture: the original ViT, google-research/vision_transformer
+      vit_jax/models_vit.py (class token, learned positions, flax `nn.gelu` = tanh GELU,
+      LayerNorm eps 1e-6, biases on q/k/v and the output projection), whose checkpoints
+      big_vision (big_vision/models/vit.py) loads with the same computation. Backed by
+      tests/test_vit.py::test_vit_s16_parameter_count (22,050,664, timm's count for
+      vit_small_patch16_224) and tests/test_fidelity.py::test_logits_match_reference
+      [big_vision_vit] (this preset's fields, sizes reduced, logits of a big_vision-layout
+      .npz equal to the reference's within 1e-4). timm's port of the same weights computes
+      the exact GELU: load those with `--config.model.mlp_activation=gelu` (checked by
+      tests/test_fidelity.py [timm_vit_token] and, for timm's GAP models with `fc_norm`,
+      [timm_vit_gap]).
 """
 
 from configs import common
@@ -30,7 +53,12 @@ def get_config(preset: str = "keras"):
     c.num_epochs = 100.0
     c.model.update(patch_size=6, hidden_dim=64, depth=8, num_heads=4, head_dim=64, mlp_dim=128,
                    pooling="flatten", head_hidden_dims=(2048, 1024), mlp_activate_last=True,
-                   dropout_rate=0.1, attention_dropout_rate=0.1, head_dropout_rate=0.5)
+                   dropout_rate=0.1, attention_dropout_rate=0.1, head_dropout_rate=0.5,
+                   # keras-io examples/vision/image_classification_with_vision_transformer.py:
+                   # `mlp` uses Dense(activation=gelu), Keras' exact (erf) GELU...
+                   mlp_activation="gelu",
+                   # ...and LayerNormalization(epsilon=1e-6).
+                   norm_epsilon=1e-6)
     c.optimizer.update(name="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="constant")
   elif preset == "tiny_cifar10":
     c.dataset = "cifar10"
@@ -53,7 +81,13 @@ def get_config(preset: str = "keras"):
     c.eval_every_steps = 5000
     c.checkpoint_every_steps = 5000
     c.model.update(patch_size=16, hidden_dim=384, depth=12, num_heads=6, mlp_dim=1536,
-                   pooling="cls")
+                   pooling="cls",
+                   # vision_transformer vit_jax/models_vit.py MlpBlock: flax nn.gelu (tanh).
+                   mlp_activation="gelu_tanh",
+                   # vit_jax/models_vit.py: flax nn.LayerNorm's default epsilon.
+                   norm_epsilon=1e-6,
+                   # vit_jax/models_vit.py: nn.MultiHeadDotProductAttention, biases on.
+                   qkv_bias=True, proj_bias=True, fc_norm=False)
     c.optimizer.update(name="adamw", learning_rate=1e-3, weight_decay=1e-4, warmup_steps=10_000,
                        schedule="cosine", grad_clip_norm=1.0)
   else:

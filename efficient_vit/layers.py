@@ -13,6 +13,7 @@ knowing about it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -29,28 +30,55 @@ dense_init = nn.initializers.xavier_uniform()
 embedding_init = nn.initializers.normal(stddev=0.02)
 
 
+# The MLP activations a config may name (`model.mlp_activation`). flax's `nn.gelu` is the
+# tanh approximation by default; PyTorch's `nn.GELU` / `F.gelu` (timm, the official Swin, CCT
+# and MobileViT code) and Keras' "gelu" are the exact, erf-based form, while the JAX
+# originals (big_vision's and vision_transformer's ViT, the Perceiver's Haiku code) use the
+# tanh form. The two differ by up to about 1e-3 per activation.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "silu": nn.silu,
+    "relu": nn.relu,
+}
+
+
+def activation_fn(name: str, field: str = "model.mlp_activation") -> Callable[[jax.Array],
+                                                                            jax.Array]:
+  """The activation called `name` in `ACTIVATIONS`; a ValueError naming `field` otherwise."""
+  if not isinstance(name, str) or name not in ACTIVATIONS:
+    raise ValueError(f"{field}={name!r}; allowed: {', '.join(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
 class Mlp(nn.Module):
   """A stack of Dense layers, the position-wise feed-forward of every transformer.
 
   [..., d_in] -> [..., features[-1]]. Each Dense but the last is followed by the
   activation (all of them when `activate_last`, as in the Keras examples' MLPs) and every
-  Dense by dropout.
+  Dense by dropout: `dropout_rate` after the last one, `hidden_dropout_rate` (None: the
+  same rate) after the others. `activation` is a name of `ACTIVATIONS` or a function.
   """
 
   features: Sequence[int]
-  activation: Callable[[jax.Array], jax.Array] = nn.gelu
+  activation: str | Callable[[jax.Array], jax.Array] = "gelu_tanh"
   activate_last: bool = False
   dropout_rate: float = 0.0
+  hidden_dropout_rate: float | None = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    act = activation_fn(self.activation) if isinstance(self.activation, str) else self.activation
+    last = len(self.features) - 1
+    hidden_rate = self.dropout_rate if self.hidden_dropout_rate is None else (
+        self.hidden_dropout_rate)
     for i, width in enumerate(self.features):
       x = nn.Dense(width, dtype=self.dtype, kernel_init=dense_init,
                    bias_init=nn.initializers.normal(stddev=1e-6))(x)
-      if i < len(self.features) - 1 or self.activate_last:
-        x = self.activation(x)
-      x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+      if i < last or self.activate_last:
+        x = act(x)
+      x = nn.Dropout(self.dropout_rate if i == last else hidden_rate)(x, deterministic=not train)
     return x
 
 
@@ -94,13 +122,23 @@ class MultiHeadAttention(nn.Module):
   kernel, except when attention dropout is active or the weights are being extracted:
   both need the explicit softmax.
   `bias` broadcasts to [batch, heads, n, m]; `mask` (True = attend) likewise.
+  `qkv_bias` puts biases on the query, key and value projections (timm's `qkv_bias`;
+  the official CCT has none), `proj_bias` on the output projection.
+
+  `logit_scale`: `rsqrt` multiplies q.k by 1 / sqrt(head_dim); `learned` by one learned
+  scalar `scale` instead, initialised to 1 (Keras' `Attention(use_scale=True)`, the Keras
+  Perceiver example's cross-attention). `output_projection=False` leaves out the output
+  Dense: the heads are concatenated, [batch, n, heads * head_dim] (that example too).
   """
 
   num_heads: int
   head_dim: int | None = None
   out_dim: int | None = None
   attention_dropout_rate: float = 0.0
-  use_bias: bool = True
+  qkv_bias: bool = True
+  proj_bias: bool = True
+  logit_scale: str = "rsqrt"
+  output_projection: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -110,13 +148,19 @@ class MultiHeadAttention(nn.Module):
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
     head_dim = self.head_dim or inputs_q.shape[-1] // self.num_heads
     if self.head_dim is None and inputs_q.shape[-1] % self.num_heads:
-      raise ValueError(f"num_heads={self.num_heads} must divide the width {inputs_q.shape[-1]} "
-                       "(or give head_dim).")
+      raise ValueError(f"model.num_heads={self.num_heads} must divide the width "
+                       f"{inputs_q.shape[-1]} (or give head_dim).")
     project = functools.partial(nn.DenseGeneral, features=(self.num_heads, head_dim),
-                                use_bias=self.use_bias, dtype=self.dtype, kernel_init=dense_init)
+                                use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=dense_init)
     q = project(name="query")(inputs_q)    # [b, n, heads, head_dim]
     k = project(name="key")(inputs_kv)     # [b, m, heads, head_dim]
     v = project(name="value")(inputs_kv)
+    if self.logit_scale == "learned":
+      # Both paths below divide q.k by sqrt(head_dim); this makes the product scale * q.k.
+      scale = self.param("scale", nn.initializers.ones, ())
+      q = q * (scale * np.sqrt(head_dim)).astype(q.dtype)
+    elif self.logit_scale != "rsqrt":
+      raise ValueError(f"logit_scale={self.logit_scale!r}; allowed: rsqrt, learned")
 
     explicit = (train and self.attention_dropout_rate > 0.0) or self.is_mutable_collection(
         "intermediates")
@@ -133,60 +177,90 @@ class MultiHeadAttention(nn.Module):
     else:
       out = jax.nn.dot_product_attention(
           q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask)
+    if not self.output_projection:
+      if self.out_dim not in (None, self.num_heads * head_dim):
+        raise ValueError(f"out_dim={self.out_dim} needs an output projection: without one the "
+                         f"output width is heads * head_dim = {self.num_heads * head_dim}")
+      return out.reshape(out.shape[:-2] + (self.num_heads * head_dim,))
     return nn.DenseGeneral(self.out_dim or inputs_q.shape[-1], axis=(-2, -1),
-                           use_bias=self.use_bias, dtype=self.dtype, kernel_init=dense_init,
+                           use_bias=self.proj_bias, dtype=self.dtype, kernel_init=dense_init,
                            name="out")(out)
 
 
-class EncoderBlock(nn.Module):
-  """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)), each with drop-path.
+BLOCK_FORMS = ("pre_norm", "cct")
 
-  [batch, tokens, dim] -> [batch, tokens, dim]. `attention` is any module factory that maps
-  [batch, tokens, dim] to the same shape and takes `train` (self-attention by default,
-  external attention in EANet), so the attention family is a constructor argument.
+
+class EncoderBlock(nn.Module):
+  """Transformer block: attention and MLP, each a residual branch with drop-path.
+
+  [batch, tokens, dim] -> [batch, tokens, dim]. `block_form`:
+    pre_norm  x = x + attn(LN_a(x)); x = x + mlp(LN_m(x))  (ViT, timm, Swin, MobileViT)
+    cct       x = x + attn(LN_a(x)); x = LN_m(x); x = x + mlp(x)  (the official CCT
+              `TransformerEncoderLayer`: the residual stream itself is normalised after the
+              attention, by the norm the pre-norm form puts in front of the MLP)
+  Both forms have the same parameters (`attention_norm`, `attention`, `mlp_norm`, `mlp`).
+
+  `attention` is any module factory that maps [batch, tokens, dim] to the same shape and
+  takes `train` (self-attention by default, external attention in EANet, window attention
+  in Swin), so the attention family is a constructor argument.
+
+  Dropout: `attention_output_dropout_rate` (None: `dropout_rate`) on the attention branch;
+  `dropout_rate` after the MLP's last Dense, `mlp_hidden_dropout_rate` (None:
+  `dropout_rate`) after its hidden one(s). The defaults put one rate at all three places,
+  as timm's `proj_drop` does.
   """
 
   mlp_dim: int
   attention: ModuleDef
+  mlp_activation: str = "gelu_tanh"
   mlp_activate_last: bool = False
+  block_form: str = "pre_norm"
   dropout_rate: float = 0.0
+  attention_output_dropout_rate: float | None = None
+  mlp_hidden_dropout_rate: float | None = None
   drop_path_rate: float = 0.0
-  layer_norm_epsilon: float = 1e-6
+  norm_epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_epsilon, dtype=self.dtype)
+    if self.block_form not in BLOCK_FORMS:
+      raise ValueError(f"model.block_form={self.block_form!r}; allowed: {', '.join(BLOCK_FORMS)}")
+    norm = functools.partial(nn.LayerNorm, epsilon=self.norm_epsilon, dtype=self.dtype)
+    attention_rate = self.dropout_rate if self.attention_output_dropout_rate is None else (
+        self.attention_output_dropout_rate)
     y = self.attention(name="attention")(norm(name="attention_norm")(x), train=train)
-    y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    y = nn.Dropout(attention_rate)(y, deterministic=not train)
     x = x + DropPath(self.drop_path_rate)(y, train=train)
-    y = Mlp((self.mlp_dim, x.shape[-1]), activate_last=self.mlp_activate_last,
-            dropout_rate=self.dropout_rate, dtype=self.dtype, name="mlp")(
-                norm(name="mlp_norm")(x), train=train)
+    mlp_norm = norm(name="mlp_norm")
+    if self.block_form == "cct":
+      x = mlp_norm(x)
+      y = x
+    else:
+      y = mlp_norm(x)
+    y = Mlp((self.mlp_dim, x.shape[-1]), activation=self.mlp_activation,
+            activate_last=self.mlp_activate_last, dropout_rate=self.dropout_rate,
+            hidden_dropout_rate=self.mlp_hidden_dropout_rate, dtype=self.dtype,
+            name="mlp")(y, train=train)
     return x + DropPath(self.drop_path_rate)(y, train=train)
 
 
-class Encoder(nn.Module):
-  """`depth` encoder blocks with stochastic depth rising linearly over depth.
+class Encoder(EncoderBlock):
+  """`depth` encoder blocks with stochastic depth rising linearly over depth, up to
+  `drop_path_rate` in the last block.
 
-  [batch, tokens, dim] -> [batch, tokens, dim] (not normalised at the end).
+  [batch, tokens, dim] -> [batch, tokens, dim] (not normalised at the end). The other
+  fields are `EncoderBlock`'s, passed to every block.
   """
 
-  depth: int
-  mlp_dim: int
-  attention: ModuleDef
-  mlp_activate_last: bool = False
-  dropout_rate: float = 0.0
-  drop_path_rate: float = 0.0
-  layer_norm_epsilon: float = 1e-6
-  dtype: Dtype = jnp.float32
+  depth: int = dataclasses.field(kw_only=True)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    block_fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(EncoderBlock)
+                    if f.init and f.name not in ("parent", "name")}
     for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
-      x = EncoderBlock(self.mlp_dim, self.attention, mlp_activate_last=self.mlp_activate_last,
-                       dropout_rate=self.dropout_rate, drop_path_rate=rate,
-                       layer_norm_epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+      x = EncoderBlock(**{**block_fields, "drop_path_rate": rate},
                        name=f"block_{i}")(x, train=train)
     return x
 
@@ -207,7 +281,8 @@ class PatchEmbedding(nn.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     _, h, w, _ = images.shape
     if h % self.patch_size or w % self.patch_size:
-      raise ValueError(f"image size {h}x{w} is not a multiple of patch_size={self.patch_size}")
+      raise ValueError(f"model.patch_size={self.patch_size} must divide the image size {h}x{w} "
+                       "(config.image_size)")
     x = nn.Conv(self.dim, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                 padding="VALID", dtype=self.dtype, name="projection")(images)
     return x.reshape(x.shape[0], -1, x.shape[-1]) if self.flatten else x
@@ -245,7 +320,10 @@ class SequencePooling(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scores = nn.Dense(1, dtype=self.dtype, kernel_init=dense_init, name="score")(x)[..., 0]
+    # squeeze, not [..., 0]: with a symbolic batch (export) indexing becomes a gather that
+    # the TFLite converter rejects.
+    scores = jnp.squeeze(
+        nn.Dense(1, dtype=self.dtype, kernel_init=dense_init, name="score")(x), -1)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
     self.sow("intermediates", "pooling_weights", weights)
     return jnp.einsum("bn,bnd->bd", weights, x)

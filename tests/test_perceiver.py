@@ -76,7 +76,10 @@ def test_keras_preset_parameter_count():
   assert config.image_size == 64 and config.batch_size == 64
   model = build_model(config.model, num_classes=100)
   params = cost.abstract_params(model, (1, 64, 64, 3))
-  assert cost.count_params(params) == 9_763_428
+  # The example's layers, counted: no cross-attention output Dense, one learned scale.
+  assert cost.count_params(params) == 9_697_637
+  assert params["cross_attend_0"]["attention"]["scale"].shape == ()
+  assert "out" not in params["cross_attend_0"]["attention"]
   assert params["position_embedding"]["embedding"].shape == (1, 1024, 256)
   assert params["latents"].shape == (256, 256)
 

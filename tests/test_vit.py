@@ -57,7 +57,7 @@ def test_bad_fields_get_clear_errors():
     build_model(dict(name="vit", patchsize=4), 10)
   model = build_model(dict(name="vit", patch_size=5, hidden_dim=8, depth=1, num_heads=2,
                            mlp_dim=8), 10)
-  with pytest.raises(ValueError, match="not a multiple of patch_size=5"):
+  with pytest.raises(ValueError, match="model.patch_size=5 must divide the image size 16x16"):
     model.init(jax.random.key(0), jnp.ones((1, 16, 16, 3)))
   with pytest.raises(ValueError, match="preset 'nope'"):
     vit_config.get_config("nope")

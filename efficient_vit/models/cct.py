@@ -12,15 +12,19 @@ images [batch, H, W, C]
 -> tokens [batch, N, dim]: either `num_conv_layers` x (conv, ReLU, max-pool) then flatten
    (the convolutional tokenizer), or non-overlapping p x p patches linearly projected
 -> (+ class token) (+ learned or sinusoidal position embedding, or none)
--> `depth` pre-norm blocks of multi-head self-attention and MLP, stochastic depth rising
-   linearly from 0 in the first block to `drop_path_rate` in the last
+-> `depth` blocks of multi-head self-attention and MLP (`block_form`: the official CCT
+   block, which normalises the residual stream after the attention, or the plain pre-norm
+   block of the Keras example), stochastic depth rising linearly from 0 in the first block
+   to `drop_path_rate` in the last
 -> LayerNorm -> sequence pooling (softmax over tokens of a learned score, weighted sum)
    or the class token -> [batch, dim] -> logits [batch, num_classes].
 
-Differences from the official PyTorch code (SHI-Labs/Compact-Transformers), none of which
-changes a parameter count:
-- The blocks are the standard pre-norm block (the paper's figure and the Keras example);
-  the official block also normalises the residual stream itself after the attention.
+With `block_form='cct'`, `mlp_activation='gelu'`, `qkv_bias=False` and
+`norm_epsilon=1e-5` (the paper presets in configs/cct.py) the model computes what the
+official PyTorch code (SHI-Labs/Compact-Transformers, src/cct.py and
+src/utils/transformers.py) computes: tests/test_fidelity.py loads that code's weights
+(vit-pytorch's copy, `vit_pytorch/cct.py`) and compares the logits. Differences in training
+only, none of which changes a parameter count:
 - Learned position embeddings start from N(0, 0.02) (official: truncated N(0, 0.2)) and the
   classifier from zeros (official: truncated N(0, 0.02)), as everywhere in this codebase.
 - There is no dropout on the embedded tokens (it is 0 in every official preset).
@@ -39,6 +43,7 @@ from efficient_vit import layers
 TOKENIZERS = ("conv", "patch")
 POOLINGS = ("seq", "cls")
 POSITION_EMBEDDINGS = ("learned", "sine", "none")
+TOKENIZER_FORMS = ("official", "keras")
 
 # Kaiming He's init for ReLU convolutions: N(0, 2 / fan_in), untruncated as in PyTorch's
 # kaiming_normal_ (flax's `he_normal` truncates).
@@ -47,11 +52,17 @@ he_normal_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 def conv_tokenizer_side(side: int, num_layers: int, kernel_size: int, stride: int,
                         padding: int, pool_kernel_size: int, pool_stride: int,
-                        pool_padding: int) -> int:
-  """Spatial side after the convolutional tokenizer (PyTorch's floor rule, both steps)."""
+                        pool_padding: int, form: str = "official") -> int:
+  """Spatial side after the convolutional tokenizer: PyTorch's floor rule for both steps
+  (`official`), or a valid convolution, the padding, and TensorFlow's "same" pooling,
+  ceil(S / pool_stride) (`keras`)."""
   for _ in range(num_layers):
-    side = (side + 2 * padding - kernel_size) // stride + 1
-    side = (side + 2 * pool_padding - pool_kernel_size) // pool_stride + 1
+    if form == "keras":
+      side = (side - kernel_size) // stride + 1 + 2 * padding
+      side = -(-side // pool_stride)
+    else:
+      side = (side + 2 * padding - kernel_size) // stride + 1
+      side = (side + 2 * pool_padding - pool_kernel_size) // pool_stride + 1
   return side
 
 
@@ -63,6 +74,14 @@ class ConvTokenizer(nn.Module):
   (pool_kernel_size, pool_stride, pool_padding; padding never wins the max). All layers but
   the last have `hidden_channels` channels, the last has `dim`. A side S becomes
   floor((S + 2p - k) / s) + 1 after the convolution, and likewise after the pooling.
+
+  `form` says where the padding goes: `official` (SHI-Labs/Compact-Transformers
+  src/utils/tokenizer.py: Conv2d(padding=p), ReLU, MaxPool2d(padding=pool_padding)) or
+  `keras` (keras-io examples/vision/cct.py, CCTTokenizer: Conv2D(padding="valid",
+  activation="relu"), ZeroPadding2D(p), MaxPool2D(pool_kernel_size, pool_stride, "same"),
+  whose "same" padding is TensorFlow's: the pool_padding field is not used, and on an even
+  map the one padded row and column come after, none before). Same parameters, same token
+  count at the preset's sizes, different values.
   """
 
   dim: int
@@ -74,17 +93,22 @@ class ConvTokenizer(nn.Module):
   pool_kernel_size: int = 3
   pool_stride: int = 2
   pool_padding: int = 1
+  form: str = "official"
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     if self.num_layers < 1:
       raise ValueError(f"model.num_conv_layers={self.num_layers}; must be at least 1")
+    if self.form not in TOKENIZER_FORMS:
+      raise ValueError(f"model.tokenizer_form={self.form!r}; allowed: "
+                       f"{', '.join(TOKENIZER_FORMS)}")
+    keras = self.form == "keras"
     _, h, w, _ = images.shape
     for name, side in (("height", h), ("width", w)):
       out = conv_tokenizer_side(side, self.num_layers, self.kernel_size, self.stride,
                                 self.padding, self.pool_kernel_size, self.pool_stride,
-                                self.pool_padding)
+                                self.pool_padding, self.form)
       if out < 1:
         raise ValueError(f"image {name} {side} leaves no tokens after {self.num_layers} conv "
                          f"layers (kernel {self.kernel_size}, stride {self.stride}) and "
@@ -92,41 +116,18 @@ class ConvTokenizer(nn.Module):
     x = images
     for i in range(self.num_layers):
       channels = self.dim if i == self.num_layers - 1 else self.hidden_channels
+      conv_padding = "VALID" if keras else ((self.padding,) * 2,) * 2
       x = nn.Conv(channels, (self.kernel_size,) * 2, strides=(self.stride,) * 2,
-                  padding=((self.padding,) * 2,) * 2, use_bias=False, dtype=self.dtype,
+                  padding=conv_padding, use_bias=False, dtype=self.dtype,
                   kernel_init=he_normal_init, name=f"conv_{i}")(x)
       x = nn.relu(x)
+      if keras:  # zeros after the ReLU: they take part in the max
+        x = jnp.pad(x, ((0, 0), (self.padding,) * 2, (self.padding,) * 2, (0, 0)))
+      # lax's "SAME" is TensorFlow's rule; the padded cells never win the max.
+      pool_padding = "SAME" if keras else ((self.pool_padding,) * 2,) * 2
       x = nn.max_pool(x, (self.pool_kernel_size,) * 2, strides=(self.pool_stride,) * 2,
-                      padding=((self.pool_padding,) * 2,) * 2)
+                      padding=pool_padding)
     return x.reshape(x.shape[0], -1, x.shape[-1])
-
-
-class CompactSelfAttention(nn.Module):
-  """Multi-head self-attention whose q/k/v projections may go without bias.
-
-  [batch, tokens, dim] -> [batch, tokens, dim]. With `qkv_bias=False` (the official CCT,
-  timm's `qkv_bias=False`), q, k and v have no bias but the output projection keeps one;
-  with `qkv_bias=True` (the Keras example) every projection has a bias. The weights are
-  sown by `layers.MultiHeadAttention` as [batch, heads, tokens, tokens].
-  """
-
-  num_heads: int
-  head_dim: int | None = None
-  qkv_bias: bool = False
-  attention_dropout_rate: float = 0.0
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    y = layers.MultiHeadAttention(self.num_heads, head_dim=self.head_dim,
-                                  attention_dropout_rate=self.attention_dropout_rate,
-                                  use_bias=self.qkv_bias, dtype=self.dtype,
-                                  name="multi_head_attention")(x, train=train)
-    if not self.qkv_bias:
-      # The shared block's `use_bias` covers all four projections; the output one keeps its
-      # bias here, which makes the parameter count the official one.
-      y = y + self.param("out_bias", nn.initializers.zeros, (y.shape[-1],)).astype(y.dtype)
-    return y
 
 
 class CCT(nn.Module):
@@ -145,6 +146,10 @@ class CCT(nn.Module):
       hidden_dim).
     conv_kernel_size, conv_stride, conv_padding: conv tokenizer's convolutions.
     pool_kernel_size, pool_stride, pool_padding: conv tokenizer's max-pools.
+    tokenizer_form: conv tokenizer's padding: `official` (before each convolution; the
+      max-pool pads pool_padding on each side) or `keras` (the Keras example: a valid
+      convolution, then zero padding after the ReLU, then a TensorFlow "same" max-pool);
+      see `ConvTokenizer`.
     patch_size: patch tokenizer: side of the square patches.
     hidden_dim: token width.
     depth: number of encoder blocks.
@@ -152,12 +157,18 @@ class CCT(nn.Module):
     mlp_dim: hidden width of each block's MLP.
     head_dim: per-head width of q/k/v (None: hidden_dim // num_heads; the Keras example
       uses hidden_dim).
-    qkv_bias: biases on the q/k/v projections (official: no; Keras example: yes).
+    qkv_bias: biases on the q/k/v projections (official: no; Keras example: yes); the
+      output projection always has one.
     pooling: `seq` (sequence pooling: CCT, CVT) or `cls` (class token: ViT-Lite).
     position_embedding: `learned` (one vector per token, so tied to the input size),
       `sine` (fixed sine/cosine table, any input size) or `none`.
-    mlp_activate_last: GELU after the second layer of each block's MLP too (Keras example).
-    layer_norm_epsilon: epsilon of every LayerNorm (1e-5 in PyTorch and the Keras example).
+    mlp_activation: activation of the blocks' MLPs (`layers.ACTIVATIONS`; official and
+      Keras: exact `gelu`).
+    mlp_activate_last: the activation after the second layer of each block's MLP too
+      (Keras example).
+    block_form: `cct` (official: x + attn(LN(x)), then the stream is normalised, then
+      + mlp) or `pre_norm` (the Keras example); see `layers.EncoderBlock`.
+    norm_epsilon: epsilon of every LayerNorm (1e-5 in PyTorch and the Keras example).
     dropout_rate: dropout on the attention output and in the MLPs.
     attention_dropout_rate: dropout on the attention weights.
     drop_path_rate: stochastic depth of the last block; it rises linearly from 0.
@@ -173,6 +184,7 @@ class CCT(nn.Module):
   pool_kernel_size: int = 3
   pool_stride: int = 2
   pool_padding: int = 1
+  tokenizer_form: str = "official"
   patch_size: int = 4
   hidden_dim: int = 256
   depth: int = 7
@@ -182,8 +194,10 @@ class CCT(nn.Module):
   qkv_bias: bool = False
   pooling: str = "seq"
   position_embedding: str = "learned"
+  mlp_activation: str = "gelu_tanh"
   mlp_activate_last: bool = False
-  layer_norm_epsilon: float = 1e-5
+  block_form: str = "pre_norm"
+  norm_epsilon: float = 1e-5
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.1
   drop_path_rate: float = 0.1
@@ -203,6 +217,7 @@ class CCT(nn.Module):
       x = ConvTokenizer(self.hidden_dim, self.num_conv_layers, self.conv_channels,
                         self.conv_kernel_size, self.conv_stride, self.conv_padding,
                         self.pool_kernel_size, self.pool_stride, self.pool_padding,
+                        form=self.tokenizer_form,
                         dtype=self.dtype, name="conv_tokenizer")(x)
     else:
       x = layers.PatchEmbedding(self.patch_size, self.hidden_dim, dtype=self.dtype,
@@ -216,16 +231,17 @@ class CCT(nn.Module):
     elif self.position_embedding == "sine":
       x = x + layers.sinusoidal_position_embedding(x.shape[1], x.shape[2]).astype(x.dtype)
 
-    attention = functools.partial(CompactSelfAttention, num_heads=self.num_heads,
+    attention = functools.partial(layers.MultiHeadAttention, num_heads=self.num_heads,
                                   head_dim=self.head_dim, qkv_bias=self.qkv_bias,
+                                  proj_bias=True,
                                   attention_dropout_rate=self.attention_dropout_rate,
                                   dtype=self.dtype)
-    x = layers.Encoder(self.depth, self.mlp_dim, attention,
-                       mlp_activate_last=self.mlp_activate_last,
+    x = layers.Encoder(self.mlp_dim, attention, depth=self.depth, mlp_activation=self.mlp_activation,
+                       mlp_activate_last=self.mlp_activate_last, block_form=self.block_form,
                        dropout_rate=self.dropout_rate, drop_path_rate=self.drop_path_rate,
-                       layer_norm_epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                       norm_epsilon=self.norm_epsilon, dtype=self.dtype,
                        name="encoder")(x, train=train)
-    x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, name="encoder_norm")(x)
+    x = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype, name="encoder_norm")(x)
     if self.pooling == "seq":
       x = layers.SequencePooling(dtype=self.dtype, name="sequence_pooling")(x)
     else:

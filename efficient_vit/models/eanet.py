@@ -106,13 +106,13 @@ class MultiHeadExternalAttention(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     batch, tokens, dim = x.shape
     if self.num_heads < 1 or dim % self.num_heads:
-      raise ValueError(f"num_heads={self.num_heads} must divide the width {dim}.")
+      raise ValueError(f"model.num_heads={self.num_heads} must divide the width {dim}.")
     if self.dim_coefficient < 1:
-      raise ValueError(f"dim_coefficient={self.dim_coefficient} must be >= 1.")
+      raise ValueError(f"model.dim_coefficient={self.dim_coefficient} must be >= 1.")
     memory_units = self.memory_units or dim // self.dim_coefficient
     if memory_units < 1:
-      raise ValueError(f"memory_units={self.memory_units}: dim // dim_coefficient = "
-                       f"{dim} // {self.dim_coefficient} is 0; give memory_units >= 1.")
+      raise ValueError(f"model.memory_units={self.memory_units}: width // dim_coefficient = "
+                       f"{dim} // {self.dim_coefficient} is 0; give model.memory_units >= 1.")
     heads = self.num_heads * self.dim_coefficient
     head_dim = dim // self.num_heads  # = dim * dim_coefficient // heads
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=layers.dense_init)
@@ -171,7 +171,9 @@ class EANet(nn.Module):
     head_dim: per-head width of q/k/v when attention="self" (None: hidden_dim //
       num_heads; the example's key_dim is hidden_dim).
     dropout_rate, attention_dropout_rate, drop_path_rate: regularisers.
-    layer_norm_epsilon: epsilon of the blocks' LayerNorms (Keras' 1e-5).
+    mlp_activation: activation of the blocks' MLPs (`layers.ACTIVATIONS`; Keras' "gelu"
+      is the exact `gelu`).
+    norm_epsilon: epsilon of the blocks' LayerNorms (Keras' 1e-5).
   """
 
   num_classes: int
@@ -187,7 +189,8 @@ class EANet(nn.Module):
   dropout_rate: float = 0.2
   attention_dropout_rate: float = 0.2
   drop_path_rate: float = 0.0
-  layer_norm_epsilon: float = 1e-5
+  mlp_activation: str = "gelu_tanh"
+  norm_epsilon: float = 1e-5
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -212,8 +215,8 @@ class EANet(nn.Module):
                                     head_dim=self.head_dim,
                                     attention_dropout_rate=self.attention_dropout_rate,
                                     dtype=self.dtype)
-    x = layers.Encoder(self.depth, self.mlp_dim, attention, dropout_rate=self.dropout_rate,
-                       drop_path_rate=self.drop_path_rate,
-                       layer_norm_epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+    x = layers.Encoder(self.mlp_dim, attention, depth=self.depth, mlp_activation=self.mlp_activation,
+                       dropout_rate=self.dropout_rate, drop_path_rate=self.drop_path_rate,
+                       norm_epsilon=self.norm_epsilon, dtype=self.dtype,
                        name="encoder")(x, train=train)
     return layers.classifier(x.mean(axis=1), self.num_classes, self.dtype)

@@ -26,10 +26,11 @@ Two variants of the same layout (`variant`):
       biases and swish but no batch norm (only the MV2 blocks have it), 2 heads each of the
       full width d (Keras `key_dim=projection_dim`), swish after both FFN layers, no
       LayerNorm after the stack, and the fusion conv outputs d channels (so the next stage
-      starts from d). Its unfolding is a plain reshape and its Keras attention then runs
-      over all h*w positions at once; this implementation keeps the paper's unfold
-      (attention over the N patches per pixel position) for both variants, which changes the
-      compute but not the parameters.
+      starts from d). Its unfolding is a plain reshape into [4, hw / 4, d], over which Keras'
+      MultiHeadAttention attends jointly, i.e. over all h*w positions at once: `patch_size=1`
+      (one sequence of all positions) computes exactly that. Its 3x3 convolutions pad the
+      TensorFlow way (`conv_padding='same'`). With the `keras` preset's fields the model
+      computes what the example's does (tests/test_fidelity_keras.py).
 
 Attention weights are sown by `layers.MultiHeadAttention` with the family's natural shape
 [batch * P, heads, N, N]: one N x N map per image and pixel position within the patch.
@@ -86,8 +87,29 @@ def fold(patches: jax.Array, height: int, width: int, patch_size: int) -> jax.Ar
   return x.reshape(b, height, width, c)
 
 
+CONV_PADDINGS = ("symmetric", "same")
+
+
+def conv_pads(size: int, kernel_size: int, strides: int, padding: str) -> tuple[int, int]:
+  """Zero padding (before, after) of one spatial axis of a k x k convolution.
+
+  symmetric: k // 2 on each side (ml-cvnets, PyTorch `padding=k // 2`).
+  same: TensorFlow's / Keras' "same" (and lax's "SAME"): the output has ceil(size / s)
+    positions and the total padding max((out - 1) s + k - size, 0) puts its odd cell after;
+    a stride-2 3x3 conv on an even map pads nothing before and one after (Keras
+    `imagenet_utils.correct_pad` gives the same for the example's depthwise convs).
+  """
+  if padding == "same":
+    out = -(-size // strides)
+    total = max((out - 1) * strides + kernel_size - size, 0)
+    return total // 2, total - total // 2
+  return kernel_size // 2, kernel_size // 2
+
+
 class DepthwiseConv(nn.Module):
-  """k x k depthwise convolution, padding k // 2. [batch, H, W, C] -> [batch, H/s, W/s, C].
+  """k x k depthwise convolution. [batch, H, W, C] -> [batch, H/s, W/s, C].
+
+  Zero padding by `conv_pads` (`padding`: symmetric, k // 2 per side, or TensorFlow's same).
 
   The kernel [k, k, 1, C] has the layout of flax's grouped `nn.Conv`, and the result is the
   same; it is computed as k * k shifted multiply-adds because XLA's CPU grouped convolution
@@ -96,6 +118,7 @@ class DepthwiseConv(nn.Module):
 
   kernel_size: int = 3
   strides: int = 1
+  padding: str = "symmetric"
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -103,13 +126,16 @@ class DepthwiseConv(nn.Module):
     k, s = self.kernel_size, self.strides
     _, h, w, c = x.shape
     kernel = self.param("kernel", conv_init, (k, k, 1, c)).astype(self.dtype)
-    pad = k // 2
-    x = jnp.pad(x.astype(self.dtype), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    out_h, out_w = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+    pad_h, pad_w = conv_pads(h, k, s, self.padding), conv_pads(w, k, s, self.padding)
+    x = jnp.pad(x.astype(self.dtype), ((0, 0), pad_h, pad_w, (0, 0)))
+    out_h, out_w = (h + sum(pad_h) - k) // s + 1, (w + sum(pad_w) - k) // s + 1
     out = 0
     for i in range(k):
       for j in range(k):
-        window = x[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s, :]
+        # lax slices, not x[:, a:b:s]: with a symbolic batch (export) strided indexing
+        # becomes a gather that the TFLite converter rejects.
+        window = jax.lax.slice_in_dim(x, i, i + s * (out_h - 1) + 1, s, axis=1)
+        window = jax.lax.slice_in_dim(window, j, j + s * (out_w - 1) + 1, s, axis=2)
         out = out + window * kernel[i, j, 0]
     return out
 
@@ -117,7 +143,8 @@ class DepthwiseConv(nn.Module):
 class ConvBlock(nn.Module):
   """A convolution, optionally followed by batch norm and swish. [b, H, W, C] -> [b, H/s, W/s, F].
 
-  Padding is k // 2 on every side (ml-cvnets). A 1x1 convolution is a Dense over channels
+  Padding is k // 2 on every side (ml-cvnets) or TensorFlow's "same" (`padding`, see
+  `conv_pads`). A 1x1 convolution is a Dense over channels
   (same parameters; XLA's CPU matmul is 2-4x faster than its 1x1 convolution).
   `depthwise` makes it a depthwise convolution (F = C).
   """
@@ -131,19 +158,22 @@ class ConvBlock(nn.Module):
   use_activation: bool = True
   norm_momentum: float = 0.9
   norm_epsilon: float = 1e-5
+  padding: str = "symmetric"
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    pad = self.kernel_size // 2
+    pads = [conv_pads(side, self.kernel_size, self.strides, self.padding)
+            for side in x.shape[1:3]]
     if self.depthwise:
-      x = DepthwiseConv(self.kernel_size, self.strides, dtype=self.dtype, name="conv")(x)
+      x = DepthwiseConv(self.kernel_size, self.strides, self.padding, dtype=self.dtype,
+                        name="conv")(x)
     elif self.kernel_size == 1 and self.strides == 1:
       x = nn.Dense(self.features, use_bias=self.use_bias, kernel_init=conv_init,
                    dtype=self.dtype, name="conv")(x)
     else:
       x = nn.Conv(self.features, (self.kernel_size,) * 2, strides=(self.strides,) * 2,
-                  padding=((pad, pad), (pad, pad)), use_bias=self.use_bias,
+                  padding=pads, use_bias=self.use_bias,
                   kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
     if self.use_norm:
       x = nn.BatchNorm(use_running_average=not train, momentum=self.norm_momentum,
@@ -156,20 +186,18 @@ class InvertedResidual(nn.Module):
   1x1 projection (BN, linear), plus the input when stride 1 keeps the shape.
 
   [batch, H, W, C_in] -> [batch, H / stride, W / stride, out_channels]. The expansion conv is
-  left out when `expansion` is 1, as in MobileNetV2.
+  left out when `expansion` is 1, as in MobileNetV2. `conv` is `ConvBlock` with the model's
+  batch-norm, padding and dtype settings bound.
   """
 
   out_channels: int
   expansion: int
   strides: int = 1
-  norm_momentum: float = 0.9
-  norm_epsilon: float = 1e-5
-  dtype: layers.Dtype = jnp.float32
+  conv: layers.ModuleDef = ConvBlock
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    conv = functools.partial(ConvBlock, norm_momentum=self.norm_momentum,
-                             norm_epsilon=self.norm_epsilon, dtype=self.dtype)
+    conv = self.conv
     hidden = make_divisible(round(x.shape[-1] * self.expansion))
     y = x
     if self.expansion != 1:
@@ -181,42 +209,6 @@ class InvertedResidual(nn.Module):
     if self.strides == 1 and x.shape[-1] == self.out_channels:
       y = y + x
     return y
-
-
-class TransformerBlock(nn.Module):
-  """Pre-norm transformer block with a swish FFN. [batch, tokens, dim] -> same.
-
-  paper: x + Dropout(MHA(LN(x))), then x + Dropout(Dense(swish(Dense(LN(x))))).
-  keras: x + MHA(LN(x)), then x + MLP(LN(x)) with swish and dropout after both Dense layers.
-  (layers.EncoderBlock has a fixed GELU MLP, hence this block.)
-  """
-
-  mlp_dim: int
-  num_heads: int
-  head_dim: int
-  variant: str = "paper"
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  layer_norm_epsilon: float = 1e-5
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    keras = self.variant == "keras"
-    norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_epsilon, dtype=self.dtype)
-    y = layers.MultiHeadAttention(self.num_heads, head_dim=self.head_dim,
-                                  attention_dropout_rate=self.attention_dropout_rate,
-                                  dtype=self.dtype, name="attention")(
-                                      norm(name="attention_norm")(x), train=train)
-    if not keras:
-      y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
-    x = x + y
-    y = layers.Mlp((self.mlp_dim, x.shape[-1]), activation=nn.swish, activate_last=keras,
-                   dropout_rate=self.dropout_rate if keras else 0.0, dtype=self.dtype,
-                   name="mlp")(norm(name="mlp_norm")(x), train=train)
-    if not keras:
-      y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
-    return x + y
 
 
 class MobileViTBlock(nn.Module):
@@ -240,6 +232,7 @@ class MobileViTBlock(nn.Module):
   norm_momentum: float = 0.9
   norm_epsilon: float = 1e-5
   layer_norm_epsilon: float = 1e-5
+  mlp_activation: str = "silu"
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -267,13 +260,21 @@ class MobileViTBlock(nn.Module):
 
     patches = unfold(local, p)                                     # [b, P, N, d]
     tokens = patches.reshape(b * p * p, -1, self.dim)              # one sequence per position
+    # The shared pre-norm block. paper (ml-cvnets): dropout after the attention and after
+    # the FFN's second Dense, none after its hidden layer (`ffn_dropout` 0); keras: no
+    # dropout after the attention, the activation and dropout after both FFN Dense layers.
+    attention = functools.partial(layers.MultiHeadAttention, num_heads=self.num_heads,
+                                  head_dim=self.dim if keras else self.dim // self.num_heads,
+                                  attention_dropout_rate=self.attention_dropout_rate,
+                                  dtype=self.dtype)
     for i in range(self.depth):
-      tokens = TransformerBlock(self.mlp_dim, self.num_heads,
-                                self.dim if keras else self.dim // self.num_heads,
-                                variant=self.variant, dropout_rate=self.dropout_rate,
-                                attention_dropout_rate=self.attention_dropout_rate,
-                                layer_norm_epsilon=self.layer_norm_epsilon, dtype=self.dtype,
-                                name=f"transformer_{i}")(tokens, train=train)
+      tokens = layers.EncoderBlock(
+          self.mlp_dim, attention, mlp_activation=self.mlp_activation, mlp_activate_last=keras,
+          dropout_rate=self.dropout_rate,
+          attention_output_dropout_rate=0.0 if keras else None,
+          mlp_hidden_dropout_rate=None if keras else 0.0,
+          norm_epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+          name=f"transformer_{i}")(tokens, train=train)
     if not keras:
       tokens = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
                             name="transformer_norm")(tokens)
@@ -311,6 +312,11 @@ class MobileViT(nn.Module):
       after each FFN layer).
     attention_dropout_rate: dropout on the attention weights.
     head_dropout_rate: dropout before the classifier.
+    mlp_activation: activation of the transformers' FFNs (`layers.ACTIVATIONS`; ml-cvnets,
+      timm and the Keras example: `silu`, i.e. swish).
+    conv_padding: zero padding of the 3x3 convolutions (`conv_pads`): `symmetric` (k // 2 on
+      each side, ml-cvnets) or `same` (TensorFlow's "same", the Keras example: a stride-2
+      conv on an even map pads only after, so its outputs sit half a pixel elsewhere).
   """
 
   num_classes: int
@@ -330,11 +336,16 @@ class MobileViT(nn.Module):
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.0
   head_dropout_rate: float = 0.1
+  mlp_activation: str = "silu"
+  conv_padding: str = "symmetric"
   dtype: layers.Dtype = jnp.float32
 
   def _check(self) -> None:
     if self.variant not in VARIANTS:
       raise ValueError(f"model.variant={self.variant!r}; allowed: {', '.join(VARIANTS)}")
+    if self.conv_padding not in CONV_PADDINGS:
+      raise ValueError(f"model.conv_padding={self.conv_padding!r}; allowed: "
+                       f"{', '.join(CONV_PADDINGS)}")
     num_vit = len(self.transformer_dims)
     if len(self.transformer_depths) != num_vit or len(self.mlp_dims) != num_vit:
       raise ValueError("model.transformer_dims, model.transformer_depths and model.mlp_dims "
@@ -364,26 +375,27 @@ class MobileViT(nn.Module):
         norm_momentum=0.9, norm_epsilon=1e-5)
     layer_norm_epsilon = 1e-6 if keras else 1e-5
 
-    x = ConvBlock(self.stem_channels, kernel_size=3, strides=self.strides[0], use_bias=keras,
-                  use_norm=not keras, dtype=self.dtype, name="stem", **norm)(
-                      images.astype(self.dtype), train=train)
+    conv = functools.partial(ConvBlock, padding=self.conv_padding, dtype=self.dtype, **norm)
+    x = conv(self.stem_channels, kernel_size=3, strides=self.strides[0], use_bias=keras,
+             use_norm=not keras, name="stem")(images.astype(self.dtype), train=train)
     stage = 0
     for depth in self.mv2_depths:
       for j in range(depth):
         x = InvertedResidual(self.stage_channels[stage], self.expansion,
-                             strides=self.strides[stage + 1] if j == 0 else 1, dtype=self.dtype,
-                             name=f"stage_{stage + 1}_mv2_{j}", **norm)(x, train=train)
+                             strides=self.strides[stage + 1] if j == 0 else 1, conv=conv,
+                             name=f"stage_{stage + 1}_mv2_{j}")(x, train=train)
       stage += 1
     for dim, depth, mlp_dim in zip(self.transformer_dims, self.transformer_depths,
                                    self.mlp_dims):
       x = InvertedResidual(self.stage_channels[stage], self.expansion,
-                           strides=self.strides[stage + 1], dtype=self.dtype,
-                           name=f"stage_{stage + 1}_mv2", **norm)(x, train=train)
+                           strides=self.strides[stage + 1], conv=conv,
+                           name=f"stage_{stage + 1}_mv2")(x, train=train)
       x = MobileViTBlock(dim, depth, mlp_dim, self.num_heads, patch_size=self.patch_size,
                          variant=self.variant, resize_to_patches=self.resize_to_patches,
                          dropout_rate=self.dropout_rate,
                          attention_dropout_rate=self.attention_dropout_rate,
-                         layer_norm_epsilon=layer_norm_epsilon, dtype=self.dtype,
+                         layer_norm_epsilon=layer_norm_epsilon,
+                         mlp_activation=self.mlp_activation, dtype=self.dtype,
                          name=f"stage_{stage + 1}_mobilevit", **norm)(x, train=train)
       stage += 1
     x = ConvBlock(self.last_channels, kernel_size=1, use_bias=keras, use_norm=not keras,

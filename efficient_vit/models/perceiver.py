@@ -39,6 +39,8 @@ from efficient_vit import layers
 
 POSITION_ENCODINGS = ("fourier", "learned", "none")
 WEIGHT_SHARINGS = ("none", "after_first", "after_first_cross", "all")
+CROSS_ATTEND_FORMS = ("pre_norm", "normalized_stream")
+CROSS_ATTENTION_SCALES = ("rsqrt", "learned")
 
 
 def fourier_position_encoding(grid_shape: Sequence[int], num_bands: int,
@@ -69,11 +71,25 @@ class LatentCrossAttention(nn.Module):
   an output Dense width -> D maps back to the latent width. `width` defaults to C, the
   input width (the official implementation's choice, `shape_for_attn='kv'`), so the raw
   261-channel pixel+Fourier inputs are never widened to D. Cost O(M N width).
+
+  `form="normalized_stream"` is the Keras example's cross-attention module
+  (keras-io examples/vision/perceiver_image_classification.py): the latents themselves are
+  replaced by their LayerNorm before the first residual, and the sum by its LayerNorm
+  before the second:
+    q = LN(latents); z = q + attention(q, LN(inputs)); z = LN(z); z = z + mlp(z)
+  That example's attention also has no output Dense (`output_projection=False`; width must
+  then be D) and multiplies q.k by one learned scalar instead of 1 / sqrt(width)
+  (`logit_scale="learned"`, Keras' `Attention(use_scale=True)`).
   """
 
   num_heads: int = 1
   width: int | None = None
   mlp_dim: int | None = None
+  mlp_activation: str = "gelu_tanh"
+  norm_epsilon: float = 1e-6
+  form: str = "pre_norm"
+  output_projection: bool = True
+  logit_scale: str = "rsqrt"
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   dtype: layers.Dtype = jnp.float32
@@ -85,17 +101,32 @@ class LatentCrossAttention(nn.Module):
       raise ValueError(f"model.cross_attention_heads={self.num_heads} must divide the "
                        f"cross-attention width {width} (model.cross_attention_width, default: "
                        "the input channels)")
-    norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype)
+    norm = functools.partial(nn.LayerNorm, epsilon=self.norm_epsilon, dtype=self.dtype)
     latent_dim = latents.shape[-1]
+    if self.form not in CROSS_ATTEND_FORMS:
+      raise ValueError(f"model.cross_attend_form={self.form!r}; allowed: "
+                       f"{', '.join(CROSS_ATTEND_FORMS)}")
+    if not self.output_projection and width != latent_dim:
+      raise ValueError(f"model.cross_attention_output_projection=False needs the "
+                       f"cross-attention width {width} (model.cross_attention_width, default: "
+                       f"the input channels) to equal model.latent_dim={latent_dim}")
+    queries = norm(name="latent_norm")(latents)
     y = layers.MultiHeadAttention(
-        self.num_heads, head_dim=width // self.num_heads, out_dim=latent_dim,
-        attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-        name="attention")(norm(name="latent_norm")(latents), norm(name="input_norm")(inputs),
-                          train=train)
+        self.num_heads, head_dim=width // self.num_heads,
+        out_dim=latent_dim if self.output_projection else None,
+        attention_dropout_rate=self.attention_dropout_rate, logit_scale=self.logit_scale,
+        output_projection=self.output_projection, dtype=self.dtype,
+        name="attention")(queries, norm(name="input_norm")(inputs), train=train)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
-    z = latents + y
-    y = layers.Mlp((self.mlp_dim or latent_dim, latent_dim), dropout_rate=self.dropout_rate,
-                   dtype=self.dtype, name="mlp")(norm(name="mlp_norm")(z), train=train)
+    if self.form == "normalized_stream":  # the stream itself is replaced by its norms
+      z = norm(name="mlp_norm")(queries + y)
+      mlp_input = z
+    else:
+      z = latents + y
+      mlp_input = norm(name="mlp_norm")(z)
+    y = layers.Mlp((self.mlp_dim or latent_dim, latent_dim), activation=self.mlp_activation,
+                   dropout_rate=self.dropout_rate, dtype=self.dtype,
+                   name="mlp")(mlp_input, train=train)
     return z + y
 
 
@@ -133,6 +164,16 @@ class Perceiver(nn.Module):
       unnormalised; the Keras example has none).
     head_hidden_dims: widths of an MLP between the averaged latents and the classifier
       (the Keras example's [256]); empty = the paper's single linear layer.
+    mlp_activation: activation of every MLP, the head's included (`layers.ACTIVATIONS`;
+      the official Haiku code's `jax.nn.gelu` is `gelu_tanh`, Keras' "gelu" is `gelu`).
+    norm_epsilon: epsilon of every LayerNorm.
+    cross_attend_form: `pre_norm` (official: both residuals on the un-normalised latents)
+      or `normalized_stream` (the Keras example: the latents, and then their sum with the
+      attention, are replaced by their LayerNorms); see `LatentCrossAttention`.
+    cross_attention_output_projection: an output Dense after the cross-attention (official;
+      the Keras example has none, which needs cross_attention_width == latent_dim).
+    cross_attention_scale: `rsqrt` (q.k / sqrt(width), official) or `learned` (one learned
+      scalar, the Keras example's `Attention(use_scale=True)`).
     dropout_rate, attention_dropout_rate, head_dropout_rate: regularisers.
   """
 
@@ -154,6 +195,11 @@ class Perceiver(nn.Module):
   mlp_dim: int | None = None
   final_norm: bool = True
   head_hidden_dims: Sequence[int] = ()
+  mlp_activation: str = "gelu_tanh"
+  norm_epsilon: float = 1e-6
+  cross_attend_form: str = "pre_norm"
+  cross_attention_output_projection: bool = True
+  cross_attention_scale: str = "rsqrt"
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   head_dropout_rate: float = 0.0
@@ -166,10 +212,16 @@ class Perceiver(nn.Module):
     if self.share_weights not in WEIGHT_SHARINGS:
       raise ValueError(f"model.share_weights={self.share_weights!r}; allowed: "
                        f"{', '.join(WEIGHT_SHARINGS)}")
+    if self.cross_attention_scale not in CROSS_ATTENTION_SCALES:
+      raise ValueError(f"model.cross_attention_scale={self.cross_attention_scale!r}; allowed: "
+                       f"{', '.join(CROSS_ATTENTION_SCALES)}")
     if self.num_iterations < 1:
       raise ValueError(f"model.num_iterations={self.num_iterations} must be at least 1")
     if self.patch_size < 1:
       raise ValueError(f"model.patch_size={self.patch_size} must be at least 1")
+    if self.num_latents < 1 or self.latent_dim < 1:
+      raise ValueError(f"model.num_latents={self.num_latents} and model.latent_dim="
+                       f"{self.latent_dim}: the latent array needs at least one row and column")
     if self.latent_head_dim is None and self.latent_dim % self.latent_heads:
       raise ValueError(f"model.latent_heads={self.latent_heads} must divide "
                        f"model.latent_dim={self.latent_dim} (or set model.latent_head_dim)")
@@ -228,22 +280,27 @@ class Perceiver(nn.Module):
       if cross_index not in cross_attends:
         cross_attends[cross_index] = LatentCrossAttention(
             num_heads=self.cross_attention_heads, width=self.cross_attention_width,
-            mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+            mlp_dim=self.mlp_dim, mlp_activation=self.mlp_activation,
+            norm_epsilon=self.norm_epsilon, form=self.cross_attend_form,
+            output_projection=self.cross_attention_output_projection,
+            logit_scale=self.cross_attention_scale, dropout_rate=self.dropout_rate,
             attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
             name=f"cross_attend_{cross_index}")
       if latent_index not in latent_transformers:
         latent_transformers[latent_index] = layers.Encoder(
-            self.latent_depth, self.mlp_dim or self.latent_dim, self_attention,
-            dropout_rate=self.dropout_rate, dtype=self.dtype,
+            self.mlp_dim or self.latent_dim, self_attention, depth=self.latent_depth,
+            mlp_activation=self.mlp_activation, dropout_rate=self.dropout_rate,
+            norm_epsilon=self.norm_epsilon, dtype=self.dtype,
             name=f"latent_transformer_{latent_index}")
       z = cross_attends[cross_index](z, inputs, train=train)
       z = latent_transformers[latent_index](z, train=train)
 
     if self.final_norm:
-      z = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="latent_norm")(z)
+      z = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype, name="latent_norm")(z)
     x = z.mean(axis=1)
     if self.head_hidden_dims:
-      x = layers.Mlp(tuple(self.head_hidden_dims), activate_last=True,
+      x = layers.Mlp(tuple(self.head_hidden_dims), activation=self.mlp_activation,
+                     activate_last=True,
                      dropout_rate=self.head_dropout_rate, dtype=self.dtype,
                      name="head_mlp")(x, train=train)
     # Not layers.classifier's zero init: LAMB scales each update by ||w|| / ||update||, so a

@@ -114,6 +114,7 @@ class ShiftedWindowAttention(nn.Module):
   window_size: int = 7
   shift_size: int = 0
   attention_dropout_rate: float = 0.0
+  qkv_bias: bool = True
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -148,8 +149,8 @@ class ShiftedWindowAttention(nn.Module):
       mask = mask.reshape((-1, 1) + region_mask.shape[1:])  # [batch * nW, 1, M^2, M^2]
 
     windows = layers.MultiHeadAttention(
-        self.num_heads, attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-        name="window_attention")(windows, bias=bias, mask=mask, train=train)
+        self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
+        qkv_bias=self.qkv_bias, dtype=self.dtype, name="window_attention")(windows, bias=bias, mask=mask, train=train)
 
     x = window_merge(windows, window, height, width)
     if shift:
@@ -165,6 +166,7 @@ class PatchMerging(nn.Module):
   """
 
   use_norm: bool = True
+  norm_epsilon: float = LAYER_NORM_EPSILON
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -176,7 +178,7 @@ class PatchMerging(nn.Module):
     x = x.reshape(b, h // 2, 2, w // 2, 2, c)       # [..., row parity, ..., col parity, C]
     x = x.transpose(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)  # col parity major
     if self.use_norm:
-      x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="norm")(x)
+      x = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype, name="norm")(x)
     return nn.Dense(2 * c, use_bias=False, dtype=self.dtype, kernel_init=layers.dense_init,
                     name="reduction")(x)
 
@@ -210,6 +212,10 @@ class SwinTransformer(nn.Module):
       otherwise only between stages, as in the paper.
     merge_norm: LayerNorm inside patch merging (official: True; Keras example: False).
     final_norm: LayerNorm before pooling (official: True; Keras example: False).
+    mlp_activation: activation of the blocks' MLPs (`layers.ACTIVATIONS`; the official
+      code, timm and Keras: exact `gelu`).
+    qkv_bias: biases on the q/k/v projections (official `qkv_bias=True`).
+    norm_epsilon: epsilon of every LayerNorm (PyTorch's and Keras' default 1e-5).
     dropout_rate: dropout after the patch embedding, the attention projection and the MLP.
     attention_dropout_rate: dropout on the attention weights.
     drop_path_rate: stochastic depth, rising linearly over all blocks to this value.
@@ -228,6 +234,9 @@ class SwinTransformer(nn.Module):
   merge_after_last_stage: bool = False
   merge_norm: bool = True
   final_norm: bool = True
+  mlp_activation: str = "gelu_tanh"
+  qkv_bias: bool = True
+  norm_epsilon: float = LAYER_NORM_EPSILON
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.1
@@ -248,7 +257,7 @@ class SwinTransformer(nn.Module):
     batch, height, width, dim = x.shape
     x = x.reshape(batch, height * width, dim)
     if self.patch_norm:
-      x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="patch_norm")(x)
+      x = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype, name="patch_norm")(x)
     if self.absolute_position_embedding:
       x = layers.LearnedPositionEmbedding(name="position_embedding")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
@@ -265,17 +274,20 @@ class SwinTransformer(nn.Module):
         attention = functools.partial(
             ShiftedWindowAttention, num_heads=heads, resolution=(height, width),
             window_size=window, shift_size=shift if i % 2 else 0,
-            attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype)
+            attention_dropout_rate=self.attention_dropout_rate, qkv_bias=self.qkv_bias,
+            dtype=self.dtype)
         x = layers.EncoderBlock(int(dim * self.mlp_ratio), attention,
+                                mlp_activation=self.mlp_activation,
                                 dropout_rate=self.dropout_rate, drop_path_rate=next(rates),
-                                layer_norm_epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
+                                norm_epsilon=self.norm_epsilon, dtype=self.dtype,
                                 name=f"stage{stage}_block{i}")(x, train=train)
       if stage < len(self.depths) - 1 or self.merge_after_last_stage:
-        x = PatchMerging(self.merge_norm, dtype=self.dtype, name=f"stage{stage}_merging")(
+        x = PatchMerging(self.merge_norm, self.norm_epsilon, dtype=self.dtype,
+                         name=f"stage{stage}_merging")(
             x.reshape(batch, height, width, dim))
         batch, height, width, dim = x.shape
         x = x.reshape(batch, height * width, dim)
 
     if self.final_norm:
-      x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="final_norm")(x)
+      x = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype, name="final_norm")(x)
     return layers.classifier(x.mean(axis=1), self.num_classes, self.dtype)
