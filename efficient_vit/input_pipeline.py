@@ -206,19 +206,34 @@ def _decoder(config):
 
 
 def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Endless per-host training batches, starting at global step `start_step`."""
+  """Endless per-host training batches, starting at global step `start_step`.
+
+  Epoch e is this host's share of the split shuffled with a seed of (config.seed, e), so
+  any position of the stream can be rebuilt without the epochs before it: a resumed run
+  reads (without decoding) at most one epoch of records to reach its position, whatever
+  the step, and sees exactly the batches an uninterrupted run would have seen.
+  """
   if config.augment.crop not in CROPS:
     raise ValueError(f"config.augment.crop={config.augment.crop!r}; allowed: {', '.join(CROPS)}")
   batch = per_host_batch_size(config.batch_size)
   split = tfds.split_for_jax_process(config.train_split)
   ds = _as_dataset(config, split, shuffle_files=False,
                    decoders={"image": tfds.decode.SkipDecoding()})
-  num_examples = int(ds.cardinality()) if ds.cardinality() > 0 else config.shuffle_buffer
-  ds = ds.shuffle(min(config.shuffle_buffer, num_examples), seed=config.seed,
-                  reshuffle_each_iteration=True)
-  ds = ds.repeat().enumerate()
-  # Skipping happens before decoding, so resuming costs reading, not decoding, the past.
-  ds = ds.skip(start_step * batch)
+  num_examples = int(ds.cardinality())
+  if num_examples <= 0:  # Unknown (some mock or filtered splits): count the records once.
+    num_examples = int(ds.reduce(0, lambda n, _: n + 1))
+  first_epoch, offset = divmod(start_step * batch, num_examples)
+  buffer = min(config.shuffle_buffer, num_examples)
+
+  def epoch(e):
+    order = ds.shuffle(buffer, seed=tf.bitwise.bitwise_xor(
+        tf.constant(config.seed, tf.int64) * 1_000_003, e), reshuffle_each_iteration=False)
+    # The position of each example in the whole stream, for its augmentation seed.
+    return order.enumerate(start=e * num_examples)
+
+  stream = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max // num_examples)
+  # Skipping happens before decoding, so resuming costs reading, not decoding.
+  stream = stream.flat_map(epoch).skip(offset)
   decode = _decoder(config)
   base_seed = tf.constant([config.seed, jax.process_index()], tf.int64)
 
@@ -227,9 +242,9 @@ def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]
     seed = tf.random.experimental.stateless_fold_in(base_seed, index)
     return {"image": _augment(config, image, seed), "label": tf.cast(label, tf.int32)}
 
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  yield from tfds.as_numpy(ds)
+  stream = stream.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  stream = stream.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  yield from tfds.as_numpy(stream)
 
 
 class EvalSplit:

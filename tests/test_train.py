@@ -280,3 +280,22 @@ def test_lamb_lets_a_zero_initialised_head_learn():
   # Adam-sized steps (lr), not steps scaled by a zero parameter norm.
   np.testing.assert_allclose(updates["head"]["bias"], -1e-2, rtol=1e-3)
   assert np.abs(updates["head"]["kernel"]).max() > 1e-3
+
+
+def test_train_batches_resume_many_epochs_later_at_the_same_position(tiny_vit_config):
+  """Each epoch's order is rebuilt from (seed, epoch): a resume far into the run starts
+  where the uninterrupted stream is, epochs reshuffle, and every epoch holds each example
+  once."""
+  tiny_vit_config.augment.update(crop="none", flip=False)  # Compare the examples themselves.
+  with tfds.testing.mock_data(num_examples=16):
+    stream = input_pipeline.train_batches(tiny_vit_config)
+    straight = [next(stream) for _ in range(40)]  # 20 epochs of 2 batches of 8.
+    resumed = input_pipeline.train_batches(tiny_vit_config, start_step=37)
+    for expected in straight[37:40]:
+      got = next(resumed)
+      np.testing.assert_array_equal(got["label"], expected["label"])
+      np.testing.assert_array_equal(got["image"], expected["image"])
+  epochs = [np.concatenate([b["image"] for b in straight[i:i + 2]]) for i in (0, 2, 38)]
+  keys = [sorted(x.tobytes() for x in e) for e in epochs]
+  assert keys[0] == keys[1] == keys[2]  # The same 16 examples in every epoch...
+  assert not np.array_equal(epochs[0], epochs[1])  # ...in another order.
