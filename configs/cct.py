@@ -59,14 +59,33 @@ copy, give its logits within 1e-4):
   cvt_6_4       3.190M (3,190,283)  cvt_7_4     3.717M (3,716,619)
   vit_lite_6_4  3.191M (3,190,538)  vit_lite_7_4  3.717M (3,716,874)
   cct_14_7x2    22.36M (22,367,273; ImageNet at 224, 1,000 classes)
-The CIFAR presets carry the paper's CIFAR recipe (AdamW 5.5e-4, wd 0.06, batch 128,
-10 warmup epochs, cosine, 300 epochs + 10 cooldown, label smoothing 0.1; the paper reports
-96.53% CIFAR-10 / 80.92% CIFAR-100 for cct_7_3x1 with it; `--config.dataset=cifar100` for
-the latter). That recipe's augmentations (RandAugment m9, Mixup 0.8 / CutMix 1.0 until epoch
-175, random-resized crop at scale 0.8-1, bicubic) arrive with the later training-recipes
-issue; until then these presets train with pad-4 random crop and flip only, and will fall
-short of the published accuracy. The config contract has no minimum learning rate (timm
-decays to 1e-5) and no cooldown: the cosine here spans all 310 epochs. Not yet measured.
+Training recipes, each value cited beside it in `get_config` (the official repository's
+timm configs, run by its timm-based train.py):
+- The CIFAR presets: configs/datasets/cifar10.yml (= the optimiser keys of
+  configs/pretrained/cct_7-3x1_cifar10_300epochs.yml, the run behind cct_7_3x1's 96.53%):
+  AdamW lr 5.5e-4, wd 0.06, batch 128, warmup 10 epochs from 1e-5, cosine to 1e-5 over
+  300 epochs, then 10 cooldown epochs at 1e-5 (310 in all), label smoothing 0.1, no EMA.
+  CIFAR-100 (80.92% for cct_7_3x1, configs/pretrained/cct_7-3x1_cifar100_300epochs.yml:
+  `lr: 6e-4`, `warmup_lr: 0.000001`, the rest as above):
+    --config.dataset=cifar100 --config.optimizer.learning_rate=6e-4 \
+      --config.optimizer.warmup_start_learning_rate=1e-6
+- cct_14_7x2: configs/pretrained/cct_14-7x2_imagenet.yml: AdamW lr 5e-4, wd 0.05, warmup
+  10 epochs from 1e-6, cosine to 1e-5 over 300 epochs + 10 cooldown, label smoothing 0.1.
+  Its `batch_size: 128` is per process and the number of processes is not stated: the
+  global 1024 here assumes 8.
+Schedule detail: timm's create_scheduler, as that train.py calls it, steps the rate once per
+epoch and lays the cosine over all 300 epochs, the warmup replacing its first 10 (no warmup
+prefix); here the rate moves every step and the cosine spans the 290 epochs after the
+warmup. Weight decay: timm's
+create_optimizer_v2 (filter_bias_and_bn) spares biases and norms, as here, but decays the
+learned position table, which the mask here spares (efficient_vit/optim.py `_decay_mask`).
+Not expressed yet (no trainer fields): the recipes' augmentation (RandAugment
+rand-m9-mstd0.5-inc1, Mixup 0.8 / CutMix 1.0 with switch probability 0.5 (CIFAR-10: until
+epoch 175), random erasing 0.25 (0 in the cct_7_3x1 CIFAR-10 yml), random-resized crop at
+scale 0.8-1 (ImageNet: 0.08-1), bicubic / random interpolation, the datasets' own mean and
+std) and `amp: True` (float16 mixed precision). Until then these presets train with pad-4
+random crop and flip only (ImageNet: inception crop + flip) and will fall short of the
+published accuracy. Not yet measured.
 """
 
 from configs import common
@@ -146,29 +165,54 @@ def get_config(preset: str = "keras"):
   elif preset in _PRESETS:
     c.model.update(**_paper_model(*_PRESETS[preset]))
     if preset == "cct_14_7x2":
-      # ImageNet recipe of the official config (timm's script): AdamW 5e-4, wd 0.05,
-      # 300 + 10 epochs, cosine, label smoothing 0.1. Its batch of 128 is per process of
-      # timm's distributed script and the config does not say how many: 1024 assumes 8.
+      # Recipe: SHI-Labs/Compact-Transformers configs/pretrained/cct_14-7x2_imagenet.yml,
+      # run by that repository's train.py (timm's script), key: value quoted per line.
       c.dataset = "imagenet2012"
       c.eval_split = "validation"  # ImageNet's test labels are not public.
       c.image_size = 224
       c.augment.crop = "inception"
+      # `batch_size: 128` is per process of dist_train.sh, and neither the config nor the
+      # README says how many processes: 1024 assumes 8 (not stated; the script does not
+      # scale `lr` with the batch, so lr stays 5e-4 whatever the count).
       c.batch_size = 1024
+      # `epochs: 300` + `cooldown_epochs: 10`: train.py runs epochs + cooldown_epochs.
       c.num_epochs = 310.0
       c.eval_every_steps = 5000
       c.checkpoint_every_steps = 5000
-      c.optimizer.update(name="adamw", learning_rate=5e-4, weight_decay=0.05,
-                         warmup_epochs=10.0, schedule="cosine", label_smoothing=0.1)
+      c.optimizer.update(
+          name="adamw",  # `opt: adamw` (timm's eps 1e-8 and betas 0.9 / 0.999: optax's)
+          learning_rate=5e-4,  # `lr: 5e-4`
+          weight_decay=0.05,  # `weight_decay: 5e-2`
+          warmup_epochs=10.0,  # `warmup_epochs: 10`
+          warmup_start_learning_rate=1e-6,  # `warmup_lr: 0.000001`
+          min_learning_rate=1e-5,  # `min_lr: 0.00001`
+          cooldown_epochs=10.0,  # `cooldown_epochs: 10`
+          schedule="cosine",  # `sched: cosine`
+          label_smoothing=0.1,  # `smoothing: 0.1`
+          ema_decay=0.0)  # `model_ema: False`
     else:
       c.dataset = "cifar10"
       c.image_size = 32
       c.augment.crop = "pad"
       c.augment.crop_padding = 4
       c.augment.flip = True
-      c.batch_size = 128
-      c.num_epochs = 310.0  # 300 cosine epochs + 10 cooldown epochs in the paper.
-      c.optimizer.update(name="adamw", learning_rate=5.5e-4, weight_decay=0.06,
-                         warmup_epochs=10.0, schedule="cosine", label_smoothing=0.1)
+      # Recipe: SHI-Labs/Compact-Transformers configs/datasets/cifar10.yml, whose optimiser
+      # and schedule keys configs/pretrained/cct_7-3x1_cifar10_300epochs.yml (the 96.53%
+      # run) repeats with the same values; key: value quoted per line.
+      c.batch_size = 128  # `batch_size: 128` (per process; README's CIFAR command runs one)
+      # `epochs: 300` + `cooldown_epochs: 10`: train.py runs epochs + cooldown_epochs.
+      c.num_epochs = 310.0
+      c.optimizer.update(
+          name="adamw",  # `opt: adamw` (timm's eps 1e-8 and betas 0.9 / 0.999: optax's)
+          learning_rate=5.5e-4,  # `lr: 55e-5`
+          weight_decay=0.06,  # `weight_decay: 6e-2`
+          warmup_epochs=10.0,  # `warmup_epochs: 10`
+          warmup_start_learning_rate=1e-5,  # `warmup_lr: 0.00001`
+          min_learning_rate=1e-5,  # `min_lr: 1e-5`
+          cooldown_epochs=10.0,  # `cooldown_epochs: 10`
+          schedule="cosine",  # `sched: cosine`
+          label_smoothing=0.1,  # `smoothing: 0.1`
+          ema_decay=0.0)  # `model_ema: False` (pretrained yml)
     if preset == "cct_6_3x1":
       # The published 3.168M counts no learned table: the sine embedding, which is fixed.
       c.model.position_embedding = "sine"

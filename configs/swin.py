@@ -54,12 +54,20 @@ Presets (`--config configs/swin.py:NAME`):
   swin_t  - Swin-T at 224 on ImageNet: 28,288,354 parameters (paper: 28M; timm: 28.29M).
   swin_s  - Swin-S at 224: 49,606,258 parameters (paper: 50M; timm: 49.61M).
   swin_b  - Swin-B at 224: 87,768,224 parameters (paper: 88M; timm: 87.77M).
-  The ImageNet presets follow the paper's recipe (AdamW, batch 1024, lr 1e-3, wd 0.05,
-  300 epochs, 20 warmup epochs, cosine, label smoothing 0.1, grad clip 5, drop path
-  0.2 / 0.3 / 0.5, inception crop + flip) except RandAugment, Mixup, CutMix and random
-  erasing, which the config contract has no fields for, and weight decay: the official
-  code exempts `relative_position_bias_table` (and `absolute_pos_embed`), while the
-  trainer's mask decays every parameter with ndim > 1, these included. Not yet measured.
+  The ImageNet presets follow the official recipe, each value cited beside it in
+  `get_config` (microsoft/Swin-Transformer config.py defaults, the model yamls' drop path
+  0.2 / 0.3 / 0.5, get_started.md's commands): AdamW, batch 1024 (8 GPUs x 128; Swin-B
+  8 x 64 x 2 accumulation steps, kept here as grad_accum_steps=2), base lr 5e-4, warmup lr
+  5e-7 and min lr 5e-6 per 512 images, scaled linearly to the batch of 1024 as main.py does
+  (x2: 1e-3, 1e-6, 1e-5), 300 epochs of which 20 warmup, then cosine, wd 0.05, grad clip
+  5, label smoothing 0.1, no EMA. Weight decay: the official set_weight_decay spares 1-D
+  parameters, every `.bias` and `relative_position_bias_table`; the mask here
+  (efficient_vit/optim.py `_decay_mask`) spares the same.
+  Not expressed yet (no trainer fields): the augmentation (RandAugment
+  rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8 / CutMix 1.0 with switch
+  probability 0.5, bicubic interpolation) and float16 mixed precision
+  (`AMP_ENABLE = True`). Until then these presets train with inception crop + flip only.
+  Not yet measured.
   Architecture source: microsoft/Swin-Transformer models/swin_transformer.py (the same
   computation as timm's timm/models/swin_transformer.py): exact GELU, LayerNorm eps 1e-5,
   q/k/v biases, patch norm, merging norm, final norm. Backed by
@@ -112,8 +120,11 @@ def get_config(preset: str = "keras"):
     c.image_size = 224
     c.augment.crop = "inception"
     c.augment.flip = True
+    # microsoft/Swin-Transformer get_started.md trains Swin-T and Swin-S on 8 GPUs with
+    # `--batch-size 128`, Swin-B with `--batch-size 64 --accumulation-steps 2`: 1,024
+    # images per update for all three.
     c.batch_size = 1024
-    c.num_epochs = 300.0
+    c.num_epochs = 300.0  # config.py `_C.TRAIN.EPOCHS = 300`
     c.eval_every_steps = 5000
     c.checkpoint_every_steps = 5000
     c.model.update(patch_size=4, embed_dim=embed_dim, depths=depths, num_heads=num_heads,
@@ -124,8 +135,26 @@ def get_config(preset: str = "keras"):
                    # microsoft/Swin-Transformer models/swin_transformer.py: Mlp act_layer
                    # nn.GELU (exact), norm_layer nn.LayerNorm (eps 1e-5), qkv_bias=True.
                    mlp_activation="gelu", norm_epsilon=1e-5, qkv_bias=True)
-    c.optimizer.update(name="adamw", learning_rate=1e-3, weight_decay=0.05, warmup_epochs=20.0,
-                       schedule="cosine", label_smoothing=0.1, grad_clip_norm=5.0)
+    # microsoft/Swin-Transformer main.py scales BASE_LR, WARMUP_LR and MIN_LR linearly by
+    # DATA.BATCH_SIZE x world size x TRAIN.ACCUMULATION_STEPS / 512 = 1024 / 512 = 2 here
+    # (rescale all three by hand for another batch_size). config.py defaults, the model
+    # yamls (configs/swin/swin_{tiny,small,base}_patch4_window7_224.yaml) set none of these:
+    lr_scale = 1024 / 512
+    c.optimizer.update(
+        name="adamw",  # `_C.TRAIN.OPTIMIZER.NAME = 'adamw'`, EPS 1e-8, BETAS (0.9, 0.999)
+        learning_rate=5e-4 * lr_scale,  # `_C.TRAIN.BASE_LR = 5e-4` -> 1e-3
+        warmup_start_learning_rate=5e-7 * lr_scale,  # `_C.TRAIN.WARMUP_LR = 5e-7` -> 1e-6
+        min_learning_rate=5e-6 * lr_scale,  # `_C.TRAIN.MIN_LR = 5e-6` -> 1e-5
+        # `_C.TRAIN.WARMUP_EPOCHS = 20`; `_C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True`: the
+        # cosine spans the 280 epochs after the warmup, per step, as here.
+        warmup_epochs=20.0,
+        schedule="cosine",  # `_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'`
+        weight_decay=0.05,  # `_C.TRAIN.WEIGHT_DECAY = 0.05`
+        grad_clip_norm=5.0,  # `_C.TRAIN.CLIP_GRAD = 5.0`
+        label_smoothing=0.1,  # `_C.MODEL.LABEL_SMOOTHING = 0.1`
+        # get_started.md's Swin-B command: `--accumulation-steps 2` (a memory measure; the
+        # update is that of the whole batch).
+        grad_accum_steps=2 if preset == "swin_b" else 1)
   else:
     raise ValueError(f"preset {preset!r} of configs/swin.py; allowed: {', '.join(PRESETS)}")
   return c

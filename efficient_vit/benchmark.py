@@ -249,6 +249,10 @@ def benchmark_config(config, *, config_name: str = "", steps: int = 10, warmup_s
     raise ValueError(f"input={input_mode!r}; allowed: both, fixed")
   if steps <= 0 or warmup_steps < 0:
     raise ValueError(f"steps={steps} must be positive and warmup_steps={warmup_steps} >= 0")
+  # The learning-rate schedule does not change what a step computes; a recipe whose warmup
+  # is longer than the nominal run (a 50,000-image epoch) must still be measurable.
+  config = config.copy_and_resolve_references()
+  config.optimizer.update(warmup_steps=0, warmup_epochs=0.0, cooldown_epochs=0.0)
   experiment = train.build(config, nominal_info(config))
   num_classes, model = experiment.info.num_classes, experiment.model
   size, batch_size = config.image_size, config.batch_size

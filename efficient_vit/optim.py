@@ -54,11 +54,12 @@ _NO_DECAY_NAMES = ("embedding", "token", "relative_position_bias_table")
 
 
 def _decay_mask(params):
-  """Weight decay on weight matrices and kernels only: not on biases, norms, scalars or the
-  tables named in `_NO_DECAY_NAMES`."""
+  """Weight decay on weight matrices and kernels only: not on biases (q/k/v biases are
+  [heads, head_dim] but biases all the same), norms, scalars or the tables named in
+  `_NO_DECAY_NAMES`."""
   def decays(path, p):
     names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
-    return p.ndim > 1 and not names & set(_NO_DECAY_NAMES)
+    return p.ndim > 1 and "bias" not in names and not names & set(_NO_DECAY_NAMES)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

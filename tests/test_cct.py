@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import cct as cct_config
-from efficient_vit import cost, layers
+from efficient_vit import cost, layers, optim
 from efficient_vit.models import build_model
 from efficient_vit.models.cct import CCT, ConvTokenizer, conv_tokenizer_side, he_normal_init
 
@@ -258,3 +258,40 @@ def test_default_config_is_the_keras_recipe():
   paper = cct_config.get_config("cct_7_3x1")
   assert (paper.optimizer.learning_rate, paper.optimizer.weight_decay,
           paper.optimizer.warmup_epochs, paper.num_epochs) == (5.5e-4, 0.06, 10.0, 310.0)
+
+
+# The official timm configs of SHI-Labs/Compact-Transformers, key by key: configs/datasets/
+# cifar10.yml (= configs/pretrained/cct_7-3x1_cifar10_300epochs.yml for these keys) and
+# configs/pretrained/cct_14-7x2_imagenet.yml. num_epochs = `epochs` + `cooldown_epochs`.
+OFFICIAL_RECIPES = {
+    "cifar10": dict(batch_size=128, num_epochs=310.0, name="adamw", learning_rate=5.5e-4,
+                    weight_decay=0.06, warmup_epochs=10.0, warmup_start_learning_rate=1e-5,
+                    min_learning_rate=1e-5, cooldown_epochs=10.0, schedule="cosine",
+                    label_smoothing=0.1, ema_decay=0.0),
+    "imagenet2012": dict(batch_size=1024, num_epochs=310.0, name="adamw", learning_rate=5e-4,
+                         weight_decay=0.05, warmup_epochs=10.0,
+                         warmup_start_learning_rate=1e-6, min_learning_rate=1e-5,
+                         cooldown_epochs=10.0, schedule="cosine", label_smoothing=0.1,
+                         ema_decay=0.0),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_paper_presets_carry_the_official_recipe(preset):
+  config = cct_config.get_config(preset)
+  expected = OFFICIAL_RECIPES[config.dataset]
+  got = {k: config[k] if k in ("batch_size", "num_epochs") else config.optimizer[k]
+         for k in expected}
+  assert got == expected, (preset, got)
+
+
+def test_cifar_recipe_schedule_follows_timm_warmup_min_lr_and_cooldown():
+  opt = cct_config.get_config("cct_7_3x1").optimizer
+  per_epoch = 50_000 // 128
+  schedule = optim.learning_rate_schedule(opt, per_epoch, 310 * per_epoch)
+  lr = lambda epoch: float(schedule(int(epoch * per_epoch)))
+  assert lr(0) == pytest.approx(1e-5, rel=1e-5)  # `warmup_lr`
+  assert lr(10) == pytest.approx(5.5e-4, rel=1e-5)  # `lr`, at the end of the warmup
+  assert 1e-5 < lr(150) < 5.5e-4
+  for epoch in (300, 305, 310 - 1 / per_epoch):  # `cooldown_epochs` at `min_lr`
+    assert lr(epoch) == pytest.approx(1e-5, rel=1e-5), epoch

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import mobilevit as mobilevit_config
-from efficient_vit import cost
+from efficient_vit import cost, optim
 from efficient_vit.models import build_model
 from efficient_vit.models.mobilevit import (DepthwiseConv, InvertedResidual, MobileViT, fold,
                                             unfold)
@@ -280,3 +280,24 @@ def test_default_config_runs_end_to_end_on_mock_tf_flowers(tmp_path):
   assert all(np.isfinite(r["loss"]) for r in _train_metrics(tmp_path))
   # mock_data makes num_examples for every split it is asked for, slices included.
   assert metrics["num_examples"] == 20 and np.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize("preset", ["xxs", "xs", "s"])
+def test_paper_presets_carry_the_ml_cvnets_recipe(preset):
+  # apple/ml-cvnets config/classification/imagenet/mobilevit.yaml (one file, three sizes).
+  config = mobilevit_config.get_config(preset)
+  opt = config.optimizer
+  assert (config.batch_size, config.num_epochs) == (1024, 300.0)  # 128 x 8 GPUs; max_epochs
+  assert (opt.name, opt.b1, opt.b2, opt.weight_decay) == ("adamw", 0.9, 0.999, 0.01)
+  assert (opt.schedule, opt.learning_rate, opt.min_learning_rate) == ("cosine", 2e-3, 2e-4)
+  assert (opt.warmup_steps, opt.warmup_epochs, opt.warmup_start_learning_rate) == (
+      20_000, 0.0, 2e-4)
+  assert opt.label_smoothing == 0.1
+  # ema momentum 0.0005: ema <- (1 - 0.0005) ema + 0.0005 params.
+  assert opt.ema_decay == pytest.approx(0.9995)
+  steps_per_epoch = 1_281_167 // 1024
+  schedule = optim.learning_rate_schedule(opt, steps_per_epoch, 300 * steps_per_epoch)
+  assert float(schedule(0)) == pytest.approx(2e-4, rel=1e-5)  # warmup_init_lr
+  assert float(schedule(10_000)) == pytest.approx((2e-4 + 2e-3) / 2, rel=1e-5)
+  assert float(schedule(20_000)) == pytest.approx(2e-3, rel=1e-5)  # max_lr
+  assert float(schedule(300 * steps_per_epoch)) == pytest.approx(2e-4, rel=1e-5)  # min_lr

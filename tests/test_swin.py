@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import swin as swin_config
-from efficient_vit import cost
+from efficient_vit import cost, optim
 from efficient_vit.models import build_model
 from efficient_vit.models import swin
 
@@ -199,3 +199,29 @@ def test_keras_example_parameter_count():
 def test_unknown_preset():
   with pytest.raises(ValueError, match="swin_t"):
     swin_config.get_config("swin_l")
+
+
+@pytest.mark.parametrize("preset", ["swin_t", "swin_s", "swin_b"])
+def test_imagenet_presets_carry_the_official_recipe(preset):
+  # microsoft/Swin-Transformer config.py defaults, scaled as main.py does: BASE_LR 5e-4,
+  # WARMUP_LR 5e-7 and MIN_LR 5e-6 per 512 images, times 1024 / 512 (get_started.md: 8 GPUs
+  # x 128, Swin-B 8 x 64 x 2 accumulation steps).
+  config = swin_config.get_config(preset)
+  opt = config.optimizer
+  scale = config.batch_size / 512
+  assert (config.batch_size, config.num_epochs) == (1024, 300.0)
+  assert opt.learning_rate == pytest.approx(5e-4 * scale) == pytest.approx(1e-3)
+  assert opt.warmup_start_learning_rate == pytest.approx(5e-7 * scale)
+  assert opt.min_learning_rate == pytest.approx(5e-6 * scale)
+  assert (opt.name, opt.schedule, opt.warmup_epochs, opt.cooldown_epochs) == (
+      "adamw", "cosine", 20.0, 0.0)
+  assert (opt.weight_decay, opt.grad_clip_norm, opt.label_smoothing, opt.ema_decay) == (
+      0.05, 5.0, 0.1, 0.0)
+  assert opt.grad_accum_steps == (2 if preset == "swin_b" else 1)
+  # WARMUP_PREFIX=True: from WARMUP_LR up to the peak over 20 epochs, then the cosine over
+  # the remaining 280 down to MIN_LR.
+  schedule = optim.learning_rate_schedule(opt, 100, 300 * 100)
+  assert float(schedule(0)) == pytest.approx(1e-6, rel=1e-5)
+  assert float(schedule(20 * 100)) == pytest.approx(1e-3, rel=1e-5)
+  assert float(schedule(160 * 100)) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-5)
+  assert float(schedule(300 * 100)) == pytest.approx(1e-5, rel=1e-5)

@@ -261,11 +261,13 @@ def test_launch_end_to_end_and_resume(tmp_path):
 
 def test_weight_decay_spares_biases_norms_and_tables():
   params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
+            "query": {"kernel": jnp.ones((4, 2, 2)), "bias": jnp.ones((2, 2))},
             "norm": {"scale": jnp.ones(4)},
             "position_embedding": {"embedding": jnp.ones((1, 5, 4))},
             "attention": {"relative_position_bias_table": jnp.ones((9, 2))}}
   mask = optim._decay_mask(params)
-  assert mask == {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False},
+  assert mask == {"dense": {"kernel": True, "bias": False},
+                  "query": {"kernel": True, "bias": False}, "norm": {"scale": False},
                   "position_embedding": {"embedding": False},
                   "attention": {"relative_position_bias_table": False}}
 

@@ -1,10 +1,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import vit as vit_config
-from efficient_vit import cost
+from efficient_vit import cost, optim
 from efficient_vit.models import build_model
 
 
@@ -71,3 +72,47 @@ def test_extract_attention_lists_every_block():
   maps = extract_attention(model, model.init(jax.random.key(0), images), images)
   assert sorted(maps) == [f"encoder/block_{i}/attention" for i in range(3)]
   assert all(m.shape == (1, 2, 4, 4) for m in maps.values())
+
+
+def test_s16_imagenet_recipe_updates_like_big_visions_optimizer():
+  """big_vision/configs/vit_s16_i1k.py: batch 1024, 90 epochs, lr 1e-3, wd 1e-4, 10k warmup
+  steps, cosine, grad clip 1.0. big_vision/optax.py chains clip -> scale_by_adam ->
+  scale(lr) -> add_decayed_weights(wd, kernels) -> scale_by_schedule -> scale(-1): its wd
+  is not multiplied by lr, so the preset's optax.adamw weight decay must be wd / lr = 0.1.
+  The two optimisers are run side by side (warmup and length shortened) and must agree."""
+  config = vit_config.get_config("s16_imagenet")
+  opt = config.optimizer
+  assert (config.batch_size, config.num_epochs) == (1024, 90.0)
+  assert (opt.name, opt.learning_rate, opt.weight_decay) == ("adamw", 1e-3, 0.1)
+  assert (opt.warmup_steps, opt.schedule, opt.min_learning_rate) == (10_000, "cosine", 0.0)
+  assert (opt.grad_clip_norm, opt.label_smoothing, opt.ema_decay) == (1.0, 0.0, 0.0)
+
+  warmup, total = 3, 10
+  short = opt.copy_and_resolve_references()
+  short.warmup_steps = warmup
+
+  def big_vision_multiplier(step):  # create_learning_rate_schedule(decay_type="cosine")
+    progress = jnp.clip((step - warmup) / (total - warmup), 0.0, 1.0)
+    return 0.5 * (1.0 + jnp.cos(jnp.pi * progress)) * jnp.minimum(1.0, step / warmup)
+
+  kernels_only = lambda params: {"dense": {"kernel": True, "bias": False}}
+  reference = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(),
+                          optax.scale(1e-3), optax.add_decayed_weights(1e-4, kernels_only),
+                          optax.scale_by_schedule(big_vision_multiplier), optax.scale(-1.0))
+  ours, _ = optim.make_optimizer(short, steps_per_epoch=total, total_steps=total)
+
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+                      "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}}
+  states = [tx.init(params) for tx in (reference, ours)]
+  both = [params, params]
+  for step in range(total):
+    scale = 0.1 if step % 2 else 3.0  # Clipping active on every other step.
+    grads = jax.tree.map(lambda p: jnp.asarray(scale * rng.normal(size=p.shape), p.dtype),
+                         params)
+    for i, tx in enumerate((reference, ours)):
+      updates, states[i] = tx.update(grads, states[i], both[i])
+      both[i] = optax.apply_updates(both[i], updates)
+  moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a - b)).max(), both[1], params)
+  assert min(jax.tree.leaves(moved)) > 1e-4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *both)
