@@ -119,3 +119,33 @@ def test_a_resumed_run_logs_each_step_once(tiny_vit_config, tmp_path):
     train.train_and_evaluate(tiny_vit_config, tmp_path)
   steps = [r["step"] for r in read_metrics(tmp_path) if r["split"] == "train"]
   assert steps == [1, 2, 3, 4]
+
+
+def test_a_run_starts_from_a_reference_checkpoint(tmp_path):
+  """A timm ViT state dict (5 classes, 32 px: tests/fixtures) starts a 10-class run at
+  48 px: its blocks load as the import gives them, the position table is resized, the
+  head is new."""
+  from configs import vit
+  from efficient_vit import import_weights
+  from efficient_vit.models import build_model
+
+  fixture = os.path.join(os.path.dirname(__file__), "fixtures", "timm_vit_token.safetensors")
+  config = vit.get_config("s16_imagenet")
+  config.model.update(patch_size=8, hidden_dim=32, depth=2, num_heads=2, mlp_dim=64,
+                      mlp_activation="gelu")  # timm's ViT: exact GELU (test_fidelity.py).
+  config.update(dataset="cifar10", eval_split="test", image_size=48, batch_size=8,
+                num_train_steps=1, eval_every_steps=1)
+  config.augment.crop = "none"
+  config.optimizer.update(learning_rate=0.0, warmup_steps=0, warmup_epochs=0.0)
+  config.init_from.update(path=fixture, layout="timm_vit", image_size=32)
+  with tfds.testing.mock_data(num_examples=8):
+    train.train_and_evaluate(config, tmp_path)
+  loaded = _restore_params(tmp_path)
+  reference = import_weights.load_reference(
+      fixture, "timm_vit", build_model(config.model, 5), 32)["params"]
+  jax.tree.map(np.testing.assert_array_equal, loaded["encoder"], reference["encoder"])
+  table = reference["position_embedding"]["embedding"]  # [1, 1 + 4 x 4, 32]
+  np.testing.assert_allclose(loaded["position_embedding"]["embedding"],
+                             init_from.resize_position_embedding(np.asarray(table), 1 + 36),
+                             rtol=1e-6)
+  assert loaded["head"]["kernel"].shape == (32, 10)
