@@ -112,7 +112,7 @@ _PRESETS = {
 def _paper_model(family: str, depth: int, size: int, conv_layers: int) -> dict:
   """Model fields of an official preset: CCT-depth/size x conv_layers, CVT/ViT-Lite-depth/size."""
   width, heads, ratio = _SIZES[depth]
-  fields = dict(depth=depth, hidden_dim=width, num_heads=heads, mlp_dim=width * ratio,
+  fields = dict(depth=depth, embed_dim=width, num_heads=heads, mlp_dim=width * ratio,
                 dropout_rate=0.0, attention_dropout_rate=0.1, drop_path_rate=0.1,
                 position_embedding="learned",
                 # Compact-Transformers src/utils/transformers.py, TransformerEncoderLayer:
@@ -149,7 +149,7 @@ def get_config(preset: str = "keras"):
     c.num_epochs = 30.0
     c.model.update(tokenizer="conv", num_conv_layers=2, conv_channels=64, conv_kernel_size=3,
                    conv_stride=1, conv_padding=1, pool_kernel_size=3, pool_stride=2,
-                   pool_padding=1, hidden_dim=128, depth=2, num_heads=2, head_dim=128,
+                   pool_padding=1, embed_dim=128, depth=2, num_heads=2, head_dim=128,
                    mlp_dim=128, mlp_activate_last=True, qkv_bias=True, pooling="seq",
                    position_embedding="learned", norm_epsilon=1e-5, dropout_rate=0.1,
                    attention_dropout_rate=0.1, drop_path_rate=0.1,

@@ -73,13 +73,13 @@ def get_config(preset: str = "keras"):
   c.batch_size = 128
   c.num_epochs = 50.0
   c.model.name = "eanet"
-  c.model.update(patch_size=2, hidden_dim=64, depth=8, num_heads=4, dim_coefficient=4,
+  c.model.update(patch_size=2, embed_dim=64, depth=8, num_heads=4, dim_coefficient=4,
                  mlp_dim=64, attention="external", head_dim=64, dropout_rate=0.2,
                  attention_dropout_rate=0.2,
                  # keras-io examples/vision/eanet.py: LayerNormalization(epsilon=1e-5) and
                  # `mlp`'s Dense(activation=tf.nn.gelu), the exact (erf) GELU.
                  norm_epsilon=1e-5, mlp_activation="gelu")
-  # S per head; unset: hidden_dim // dim_coefficient = 16, as in the example.
+  # S per head; unset: embed_dim // dim_coefficient = 16, as in the example.
   c.model.memory_units = config_dict.placeholder(int)
   if preset == "keras_self":
     c.model.attention = "self"

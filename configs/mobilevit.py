@@ -70,11 +70,11 @@ PRESETS = ("keras", "xxs", "xs", "s", "cifar10")
 # MV2 expansion, transformer widths d (FFN 2d) and the last 1x1 conv (min(4 * C5, 960)).
 PAPER_SIZES = {
     "xxs": dict(stage_channels=(16, 24, 48, 64, 80), expansion=2,
-                transformer_dims=(64, 80, 96), mlp_dims=(128, 160, 192), last_channels=320),
+                embed_dims=(64, 80, 96), mlp_dims=(128, 160, 192), last_channels=320),
     "xs": dict(stage_channels=(32, 48, 64, 80, 96), expansion=4,
-               transformer_dims=(96, 120, 144), mlp_dims=(192, 240, 288), last_channels=384),
+               embed_dims=(96, 120, 144), mlp_dims=(192, 240, 288), last_channels=384),
     "s": dict(stage_channels=(32, 64, 96, 128, 160), expansion=4,
-              transformer_dims=(144, 192, 240), mlp_dims=(288, 384, 480), last_channels=640),
+              embed_dims=(144, 192, 240), mlp_dims=(288, 384, 480), last_channels=640),
 }
 
 

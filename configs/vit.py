@@ -13,7 +13,7 @@ tests/test_fidelity_keras.py::test_logits_match_keras_example[vit], which rebuil
 example's model in Keras 3 (tests/make_reference_fixtures_keras.py, sizes reduced) and
 loads its weights through efficient_vit/import_keras.py. The sizes here are those of the
 example's TensorFlow version (width = projection_dim = 64); its Keras 3 version widens the
-tokens to projection_dim * num_heads = 256 with MLP [512, 256] (`--config.model.hidden_dim=256
+tokens to projection_dim * num_heads = 256 with MLP [512, 256] (`--config.model.embed_dim=256
 --config.model.mlp_dim=512`; key_dim stays 64: `--config.model.head_dim=64`).
 Differences in training only: the example holds out 10% of the training set for validation
 (`--config.train_split='train[:90%]'` restores that) and normalises with statistics adapted
@@ -66,7 +66,7 @@ def get_config(preset: str = "keras"):
     c.augment.zoom = 0.2
     c.batch_size = 256
     c.num_epochs = 100.0
-    c.model.update(patch_size=6, hidden_dim=64, depth=8, num_heads=4, head_dim=64, mlp_dim=128,
+    c.model.update(patch_size=6, embed_dim=64, depth=8, num_heads=4, head_dim=64, mlp_dim=128,
                    pooling="flatten", head_hidden_dims=(2048, 1024), mlp_activate_last=True,
                    dropout_rate=0.1, attention_dropout_rate=0.1, head_dropout_rate=0.5,
                    # keras-io examples/vision/image_classification_with_vision_transformer.py:
@@ -82,7 +82,7 @@ def get_config(preset: str = "keras"):
     c.num_epochs = 1.0
     c.log_every_steps = 20
     c.checkpoint_every_steps = 200
-    c.model.update(patch_size=4, hidden_dim=128, depth=4, num_heads=4, mlp_dim=256,
+    c.model.update(patch_size=4, embed_dim=128, depth=4, num_heads=4, mlp_dim=256,
                    pooling="gap")
     c.optimizer.update(name="adamw", learning_rate=2e-3, weight_decay=0.05, warmup_steps=50,
                        schedule="cosine")
@@ -97,7 +97,7 @@ def get_config(preset: str = "keras"):
     c.num_epochs = 90.0  # `config.total_epochs = 90` (300: `--config.num_epochs=300`)
     c.eval_every_steps = 5000
     c.checkpoint_every_steps = 5000
-    c.model.update(patch_size=16, hidden_dim=384, depth=12, num_heads=6, mlp_dim=1536,
+    c.model.update(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_dim=1536,
                    pooling="cls",
                    # vision_transformer vit_jax/models_vit.py MlpBlock: flax nn.gelu (tanh).
                    mlp_activation="gelu_tanh",

@@ -52,18 +52,18 @@ SWEEP_LATENTS = 64
 
 
 def _vit(dim: int, depth: int, patch: int) -> dict:
-  return dict(name="vit", patch_size=patch, hidden_dim=dim, depth=depth, num_heads=SWEEP_HEADS,
+  return dict(name="vit", patch_size=patch, embed_dim=dim, depth=depth, num_heads=SWEEP_HEADS,
               mlp_dim=2 * dim, pooling="gap")
 
 
 def _cct(dim: int, depth: int, patch: int) -> dict:
-  return dict(name="cct", tokenizer="patch", patch_size=patch, hidden_dim=dim, depth=depth,
+  return dict(name="cct", tokenizer="patch", patch_size=patch, embed_dim=dim, depth=depth,
               num_heads=SWEEP_HEADS, mlp_dim=2 * dim, pooling="seq",
               position_embedding="learned", attention_dropout_rate=0.0, drop_path_rate=0.0)
 
 
 def _eanet(dim: int, depth: int, patch: int) -> dict:
-  return dict(name="eanet", patch_size=patch, hidden_dim=dim, depth=depth,
+  return dict(name="eanet", patch_size=patch, embed_dim=dim, depth=depth,
               num_heads=SWEEP_HEADS, mlp_dim=2 * dim, attention="external", dropout_rate=0.0,
               attention_dropout_rate=0.0)
 

@@ -236,7 +236,8 @@ class PmapParallel(DataParallel):
 
   kind = "pmap"
 
-  def __init__(self, train_fn: Callable, eval_fn: Callable):  # pylint: disable=super-init-not-called
+  # Not DataParallel's __init__: no global mesh, and pmapped rather than jitted steps.
+  def __init__(self, train_fn: Callable, eval_fn: Callable):  # pylint: disable=W0231
     self.local_mesh = Mesh(np.asarray(jax.local_devices()), (AXIS,))
     self.train_step = jax.pmap(train_fn, axis_name=AXIS, in_axes=(0, 0, None),
                                donate_argnums=0)

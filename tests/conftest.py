@@ -15,7 +15,7 @@ def tiny_vit_config():
   from configs import vit
 
   config = vit.get_config("tiny_cifar10")
-  config.model.update(patch_size=8, hidden_dim=32, depth=1, num_heads=2, mlp_dim=64)
+  config.model.update(patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=64)
   config.update(batch_size=8, eval_batch_size=6, log_every_steps=1, checkpoint_every_steps=3,
                 num_train_steps=6, eval_every_steps=1000, shuffle_buffer=64)
   config.optimizer.update(warmup_steps=0, schedule="constant", learning_rate=1e-3)

@@ -15,20 +15,20 @@ from efficient_vit.models import build_model  # noqa: E402
 
 # Tiny models of every family, with the image side each is run at.
 TINY = {
-    "vit": (32, dict(name="vit", patch_size=8, hidden_dim=16, depth=2, num_heads=2, mlp_dim=32,
+    "vit": (32, dict(name="vit", patch_size=8, embed_dim=16, depth=2, num_heads=2, mlp_dim=32,
                      pooling="cls")),
-    "cct": (16, dict(name="cct", num_conv_layers=1, conv_channels=8, hidden_dim=16, depth=2,
+    "cct": (16, dict(name="cct", num_conv_layers=1, conv_channels=8, embed_dim=16, depth=2,
                      num_heads=2, mlp_dim=32)),
     "perceiver": (16, dict(name="perceiver", patch_size=4, input_embedding_dim=16,
                            position_encoding="learned", num_latents=8, latent_dim=16,
                            num_iterations=2, share_weights="all", latent_depth=1,
                            latent_heads=2)),
-    "eanet": (16, dict(name="eanet", patch_size=4, hidden_dim=16, depth=2, num_heads=2,
+    "eanet": (16, dict(name="eanet", patch_size=4, embed_dim=16, depth=2, num_heads=2,
                        dim_coefficient=2, mlp_dim=16)),
     "swin": (16, dict(name="swin", patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,),
                       window_size=4, shift_size=2)),
     "mobilevit": (32, dict(name="mobilevit", stem_channels=8, stage_channels=(8, 8, 16, 16, 16),
-                           strides=(1, 1, 2, 2, 2, 1), transformer_dims=(16, 16, 16),
+                           strides=(1, 1, 2, 2, 2, 1), embed_dims=(16, 16, 16),
                            transformer_depths=(1, 1, 1), mlp_dims=(32, 32, 32), num_heads=2,
                            mv2_depths=(1, 1), last_channels=32)),
 }

@@ -90,7 +90,7 @@ def test_single_config_prints_one_json_line(capsys, monkeypatch):
   config_path = os.path.join(ROOT, "configs", "vit.py")
   argv = ["benchmark", f"--config={config_path}:tiny_cifar10", "--input=fixed", "--steps=2",
           "--warmup_steps=1", "--batch_size=4", "--config.model.patch_size=8",
-          "--config.model.hidden_dim=16", "--config.model.depth=1",
+          "--config.model.embed_dim=16", "--config.model.depth=1",
           "--config.model.num_heads=2", "--config.model.mlp_dim=32", "--peak_tflops=0.5"]
   monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads overrides from sys.argv.
   try:

@@ -32,7 +32,7 @@ PUBLISHED = {
 
 def tiny(**overrides) -> CCT:
   """A CCT small enough for behaviour tests: 2 conv layers, width 16, 2 blocks."""
-  fields = dict(num_conv_layers=2, conv_channels=8, hidden_dim=16, depth=2, num_heads=2,
+  fields = dict(num_conv_layers=2, conv_channels=8, embed_dim=16, depth=2, num_heads=2,
                 mlp_dim=32)
   fields.update(overrides)
   return CCT(num_classes=5, **fields)
@@ -135,7 +135,7 @@ def test_stochastic_depth_drops_whole_branches_per_example_at_the_configured_rat
   # branches, so each rate is observed on 2 x 2000 examples. Tolerance: 4 standard errors
   # of a binomial proportion (at most 0.032 for 4000 draws at p = 0.5).
   batch = 2000
-  model = CCT(num_classes=3, tokenizer="patch", patch_size=4, hidden_dim=8, depth=3,
+  model = CCT(num_classes=3, tokenizer="patch", patch_size=4, embed_dim=8, depth=3,
               num_heads=2, mlp_dim=8, drop_path_rate=0.5, attention_dropout_rate=0.0)
   x = images(batch, 8)
   variables = random_variables(model, 8)
@@ -182,7 +182,7 @@ def test_no_position_embedding_has_no_table():
 
 
 def test_cvt_and_vit_lite_differ_only_in_pooling():
-  cvt = CCT(num_classes=10, tokenizer="patch", patch_size=4, hidden_dim=16, depth=1,
+  cvt = CCT(num_classes=10, tokenizer="patch", patch_size=4, embed_dim=16, depth=1,
             num_heads=2, mlp_dim=16, pooling="seq")
   vit_lite = cvt.clone(pooling="cls")
   cvt_params = cost.abstract_params(cvt, (1, 32, 32, 3))
@@ -236,7 +236,7 @@ def test_unknown_options_raise_value_error_naming_the_field(field, value):
 
 def test_bad_sizes_raise_value_error():
   with pytest.raises(ValueError, match="patch_size"):
-    CCT(num_classes=2, tokenizer="patch", patch_size=5, hidden_dim=8, depth=1, num_heads=2,
+    CCT(num_classes=2, tokenizer="patch", patch_size=5, embed_dim=8, depth=1, num_heads=2,
         mlp_dim=8).init(jax.random.key(0), images(1, 32))
   with pytest.raises(ValueError, match="num_conv_layers"):  # 8 -> 1 -> 1 -> nothing.
     tiny(conv_kernel_size=7, conv_stride=2, conv_padding=0).init(jax.random.key(0),
@@ -253,7 +253,7 @@ def test_default_config_is_the_keras_recipe():
   assert (c.dataset, c.image_size, c.batch_size, c.num_epochs) == ("cifar10", 32, 128, 30.0)
   assert (c.optimizer.name, c.optimizer.learning_rate, c.optimizer.weight_decay,
           c.optimizer.label_smoothing) == ("adamw", 1e-3, 1e-4, 0.1)
-  assert (c.model.depth, c.model.hidden_dim, c.model.num_heads, c.model.drop_path_rate,
+  assert (c.model.depth, c.model.embed_dim, c.model.num_heads, c.model.drop_path_rate,
           c.model.position_embedding) == (2, 128, 2, 0.1, "learned")
   paper = cct_config.get_config("cct_7_3x1")
   assert (paper.optimizer.learning_rate, paper.optimizer.weight_decay,

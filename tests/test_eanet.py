@@ -15,7 +15,7 @@ from efficient_vit.models import eanet
 
 
 def _tiny(**kwargs) -> eanet.EANet:
-  fields = dict(num_classes=10, patch_size=4, hidden_dim=16, depth=2, num_heads=2,
+  fields = dict(num_classes=10, patch_size=4, embed_dim=16, depth=2, num_heads=2,
                 dim_coefficient=2, mlp_dim=16)
   fields.update(kwargs)
   return eanet.EANet(**fields)
@@ -125,7 +125,7 @@ def test_attention_weights_are_sown_for_every_block():
   assert sorted(blocks) == ["block_0", "block_1"]
   for block in blocks.values():
     (weights,) = block["attention"]["attention_weights"]
-    # [batch, heads * coefficient, tokens, S = hidden_dim // coefficient]
+    # [batch, heads * coefficient, tokens, S = embed_dim // coefficient]
     assert weights.shape == (2, 4, 16, 8)
     np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-5)
 
@@ -161,7 +161,7 @@ def test_flops_linear_in_tokens_for_external_quadratic_for_self():
   """Compiled forward FLOPs at 64 and 256 tokens (16x16 and 32x32 images, patch 2)."""
   ratios = {}
   for attention in ("external", "self"):
-    model = _tiny(attention=attention, patch_size=2, depth=1, hidden_dim=32, num_heads=2,
+    model = _tiny(attention=attention, patch_size=2, depth=1, embed_dim=32, num_heads=2,
                   head_dim=32, mlp_dim=32)
     small = cost.forward_flops(model, (1, 16, 16, 3))
     large = cost.forward_flops(model, (1, 32, 32, 3))

@@ -25,20 +25,20 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # Each family's preset with only its sizes made small (other fields stay the preset's).
 FAMILIES = {
     "vit": ("vit", "tiny_cifar10",
-            dict(patch_size=8, hidden_dim=32, depth=1, num_heads=2, mlp_dim=64)),
+            dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=64)),
     "perceiver": ("perceiver", "tiny_cifar10",
                   dict(patch_size=4, input_embedding_dim=32, num_latents=8, latent_dim=32,
                        latent_depth=1, latent_heads=2, mlp_dim=32)),
     "eanet": ("eanet", "keras",
-              dict(patch_size=4, hidden_dim=32, depth=1, num_heads=2, mlp_dim=32)),
-    "cct": ("cct", "keras", dict(conv_channels=16, hidden_dim=32, depth=1, num_heads=2,
+              dict(patch_size=4, embed_dim=32, depth=1, num_heads=2, mlp_dim=32)),
+    "cct": ("cct", "keras", dict(conv_channels=16, embed_dim=32, depth=1, num_heads=2,
                                  head_dim=16, mlp_dim=32)),
     # Two blocks: the second has the cyclic shift and its window mask.
     "swin": ("swin", "keras", dict(patch_size=4, embed_dim=16, depths=(2,), num_heads=(2,))),
     # One MV2 block and one MobileViT block, batch norm included.
     "mobilevit": ("mobilevit", "cifar10",
                   dict(stem_channels=8, stage_channels=(16,), strides=(2, 2), mv2_depths=(),
-                       transformer_dims=(16,), transformer_depths=(1,), mlp_dims=(32,),
+                       embed_dims=(16,), transformer_depths=(1,), mlp_dims=(32,),
                        last_channels=32, num_heads=2)),
 }
 

@@ -41,7 +41,7 @@ class Case:
   reference_form: dict = dataclasses.field(default_factory=dict)
 
 
-VIT_SIZES = dict(patch_size=8, hidden_dim=32, depth=2, num_heads=2, mlp_dim=64)
+VIT_SIZES = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
 CASES = {
     "timm_vit_token": Case("timm_vit", "timm_vit_token.safetensors", "vit:s16_imagenet",
                            VIT_SIZES, dict(mlp_activation="gelu")),
@@ -54,14 +54,14 @@ CASES = {
                            window_size=4, shift_size=2)),
     "timm_mobilevit": Case("timm_mobilevit", "timm_mobilevit.safetensors", "mobilevit:xxs",
                            dict(stem_channels=8, stage_channels=(8, 16, 16, 24, 32),
-                                mv2_depths=(1, 2), transformer_dims=(16, 24, 32),
+                                mv2_depths=(1, 2), embed_dims=(16, 24, 32),
                                 transformer_depths=(1, 2, 1), mlp_dims=(32, 48, 64),
                                 last_channels=64)),
     # The .pth case: read by import_weights' torch-free zip reader.
     "cct_learned": Case("cct_official", "cct_learned.pth", "cct:cct_2_3x2",
-                        dict(hidden_dim=32, mlp_dim=32)),
+                        dict(embed_dim=32, mlp_dim=32)),
     "cct_sine": Case("cct_official", "cct_sine.safetensors", "cct:cct_6_3x1",
-                     dict(hidden_dim=32, depth=2, mlp_dim=64)),
+                     dict(embed_dim=32, depth=2, mlp_dim=64)),
 }
 
 
@@ -218,11 +218,11 @@ def test_activation_and_block_form_errors():
   with pytest.raises(ValueError, match=r"model.mlp_activation='swish'; allowed: gelu, "
                                        r"gelu_tanh, silu, relu"):
     layers.activation_fn("swish")
-  model = build_model(dict(name="vit", patch_size=8, hidden_dim=16, depth=1, num_heads=2,
+  model = build_model(dict(name="vit", patch_size=8, embed_dim=16, depth=1, num_heads=2,
                            mlp_dim=16, mlp_activation="swish"), 3)
   with pytest.raises(ValueError, match=r"model.mlp_activation='swish'"):
     model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)))
-  model = build_model(dict(name="cct", hidden_dim=16, depth=1, num_heads=2, mlp_dim=16,
+  model = build_model(dict(name="cct", embed_dim=16, depth=1, num_heads=2, mlp_dim=16,
                            block_form="post_norm"), 3)
   with pytest.raises(ValueError, match=r"model.block_form='post_norm'; allowed: pre_norm, cct"):
     model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)))

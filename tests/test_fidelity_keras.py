@@ -29,22 +29,22 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 # computation keeps the preset's value (checked by test_only_sizes_are_overridden).
 CASES = {
     "vit": ("vit", "keras", dict(
-        image_size=24, num_classes=10, patch_size=6, hidden_dim=32, head_dim=32, num_heads=4,
+        image_size=24, num_classes=10, patch_size=6, embed_dim=32, head_dim=32, num_heads=4,
         depth=2, mlp_dim=64, head_hidden_dims=(48, 24))),
     "eanet": ("eanet", "keras", dict(
-        image_size=16, num_classes=10, patch_size=2, hidden_dim=32, depth=2, num_heads=4,
+        image_size=16, num_classes=10, patch_size=2, embed_dim=32, depth=2, num_heads=4,
         mlp_dim=32, head_dim=32)),
     "eanet_self": ("eanet", "keras_self", dict(
-        image_size=16, num_classes=10, patch_size=2, hidden_dim=32, depth=2, num_heads=4,
+        image_size=16, num_classes=10, patch_size=2, embed_dim=32, depth=2, num_heads=4,
         mlp_dim=32, head_dim=32)),
     "cct": ("cct", "keras", dict(
-        image_size=16, num_classes=10, conv_channels=16, hidden_dim=32, num_heads=2,
+        image_size=16, num_classes=10, conv_channels=16, embed_dim=32, num_heads=2,
         head_dim=32, mlp_dim=32, depth=2)),
     "swin": ("swin", "keras", dict(
         image_size=16, num_classes=10, embed_dim=32, num_heads=(4,), mlp_ratio=2.0)),
     "mobilevit": ("mobilevit", "keras", dict(
         image_size=64, num_classes=5, stem_channels=8, stage_channels=(8, 12, 12, 16, 20),
-        transformer_dims=(16, 20, 24), transformer_depths=(2, 2, 1), mlp_dims=(32, 40, 48),
+        embed_dims=(16, 20, 24), transformer_depths=(2, 2, 1), mlp_dims=(32, 40, 48),
         last_channels=32)),
     "perceiver": ("perceiver", "keras", dict(
         image_size=16, num_classes=10, input_embedding_dim=32, num_latents=16, latent_dim=32,
@@ -53,9 +53,9 @@ CASES = {
 }
 
 SIZE_FIELDS = {
-    "image_size", "num_classes", "patch_size", "hidden_dim", "head_dim", "num_heads", "depth",
+    "image_size", "num_classes", "patch_size", "embed_dim", "head_dim", "num_heads", "depth",
     "mlp_dim", "head_hidden_dims", "conv_channels", "embed_dim", "mlp_ratio", "stem_channels",
-    "stage_channels", "transformer_dims", "transformer_depths", "mlp_dims", "last_channels",
+    "stage_channels", "embed_dims", "transformer_depths", "mlp_dims", "last_channels",
     "input_embedding_dim", "num_latents", "latent_dim", "latent_heads", "latent_head_dim",
     "latent_depth",
 }

@@ -131,7 +131,7 @@ def test_a_run_starts_from_a_reference_checkpoint(tmp_path):
 
   fixture = os.path.join(os.path.dirname(__file__), "fixtures", "timm_vit_token.safetensors")
   config = vit.get_config("s16_imagenet")
-  config.model.update(patch_size=8, hidden_dim=32, depth=2, num_heads=2, mlp_dim=64,
+  config.model.update(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
                       mlp_activation="gelu")  # timm's ViT: exact GELU (test_fidelity.py).
   config.update(dataset="cifar10", eval_split="test", image_size=48, batch_size=8,
                 num_train_steps=1, eval_every_steps=1)

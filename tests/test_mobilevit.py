@@ -28,7 +28,7 @@ MEASURED = {"xxs": 1_272_024, "xs": 2_317_848, "s": 5_578_632}
 def tiny(**overrides) -> MobileViT:
   """One MV2 stage and one MobileViT stage: 12x12 images -> a 6x6 map -> 9 patches of 2x2."""
   fields = dict(stem_channels=8, stage_channels=(8, 16), strides=(1, 1, 2), mv2_depths=(1,),
-                expansion=2, transformer_dims=(16,), transformer_depths=(1,), mlp_dims=(32,),
+                expansion=2, embed_dims=(16,), transformer_depths=(1,), mlp_dims=(32,),
                 num_heads=2, last_channels=32, dropout_rate=0.0, head_dropout_rate=0.0)
   fields.update(overrides)
   return MobileViT(num_classes=5, **fields)
@@ -240,7 +240,7 @@ def one_stage(config, strides):
   compiles the model three times (init, train and eval steps) and XLA's CPU compile time
   grows with the number of layers: about 70 s of CPU for the full cifar10 preset."""
   config.model.update(stem_channels=16, stage_channels=(32,), strides=strides, mv2_depths=(),
-                      transformer_dims=(32,), transformer_depths=(1,), mlp_dims=(64,),
+                      embed_dims=(32,), transformer_depths=(1,), mlp_dims=(64,),
                       last_channels=64)
   return config
 

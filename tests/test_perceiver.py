@@ -156,7 +156,7 @@ def test_flops_linear_in_inputs():
   perceiver_ratio = cost.forward_flops(perceiver, large) / cost.forward_flops(perceiver, small)
   assert perceiver_ratio <= 2.1, perceiver_ratio
 
-  vit = ViT(num_classes=10, patch_size=1, hidden_dim=64, depth=2, num_heads=4, mlp_dim=64,
+  vit = ViT(num_classes=10, patch_size=1, embed_dim=64, depth=2, num_heads=4, mlp_dim=64,
             pooling="gap")
   vit_ratio = cost.forward_flops(vit, large) / cost.forward_flops(vit, small)
   assert vit_ratio > 2.1 and vit_ratio > perceiver_ratio + 0.5, (vit_ratio, perceiver_ratio)

@@ -30,7 +30,7 @@ with tfds.testing.mock_data(num_examples=24):
 
 def _launch(workdir, steps):
   args = [sys.executable, "-c", _LAUNCH, "--config=configs/vit.py:tiny_cifar10",
-          f"--workdir={workdir}", "--config.model.hidden_dim=16", "--config.model.depth=1",
+          f"--workdir={workdir}", "--config.model.embed_dim=16", "--config.model.depth=1",
           "--config.model.patch_size=8", "--config.model.mlp_dim=16", "--config.batch_size=8",
           f"--config.num_train_steps={steps}", "--config.optimizer.warmup_steps=0",
           "--config.log_every_steps=1", "--config.eval_every_steps=1000000",

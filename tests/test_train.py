@@ -131,7 +131,7 @@ def test_resume_refuses_another_model_and_keeps_the_workdir(tiny_vit_config, tmp
     tiny_vit_config.num_train_steps = 3
     train.train_and_evaluate(tiny_vit_config, tmp_path)
     before = sorted(os.listdir(tmp_path / "checkpoints")), read_metrics(tmp_path)
-    tiny_vit_config.model.hidden_dim = 48
+    tiny_vit_config.model.embed_dim = 48
     with pytest.raises(ValueError, match="config.model differs"):
       train.train_and_evaluate(tiny_vit_config, tmp_path)
   assert (sorted(os.listdir(tmp_path / "checkpoints")), read_metrics(tmp_path)) == before
@@ -231,16 +231,16 @@ with tfds.testing.mock_data(num_examples=24):
 
 def test_launch_end_to_end_and_resume(tmp_path):
   args = [sys.executable, "-c", _LAUNCH, "--config=configs/vit.py:tiny_cifar10",
-          f"--workdir={tmp_path}", "--config.model.hidden_dim=32", "--config.model.depth=1",
+          f"--workdir={tmp_path}", "--config.model.embed_dim=32", "--config.model.depth=1",
           "--config.model.patch_size=8", "--config.batch_size=8", "--config.num_train_steps=4",
           "--config.optimizer.warmup_steps=1", "--config.log_every_steps=2",
           "--config.eval_every_steps=4"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   run = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
-  assert "hidden_dim: 32" in run.stdout  # The resolved config is printed...
+  assert "embed_dim: 32" in run.stdout  # The resolved config is printed...
   saved = json.loads((tmp_path / "config.json").read_text())  # ...and saved.
-  assert saved["model"]["hidden_dim"] == 32 and saved["num_train_steps"] == 4
+  assert saved["model"]["embed_dim"] == 32 and saved["num_train_steps"] == 4
   records = read_metrics(tmp_path)
   train_records = [r for r in records if r["split"] == "train"]
   assert [r["step"] for r in train_records] == [2, 4]

@@ -11,7 +11,7 @@ from efficient_vit.models import build_model
 
 @pytest.mark.parametrize("pooling", ["cls", "gap", "flatten"])
 def test_forward_shapes(pooling):
-  model = build_model(dict(name="vit", patch_size=4, hidden_dim=32, depth=2, num_heads=4,
+  model = build_model(dict(name="vit", patch_size=4, embed_dim=32, depth=2, num_heads=4,
                            mlp_dim=64, pooling=pooling, head_hidden_dims=(16,)), num_classes=7)
   images = jnp.ones((3, 16, 16, 3))
   variables = model.init(jax.random.key(0), images)
@@ -23,7 +23,7 @@ def test_forward_shapes(pooling):
 
 
 def test_attention_weights_are_extractable_and_normalised():
-  model = build_model(dict(name="vit", patch_size=4, hidden_dim=32, depth=2, num_heads=4,
+  model = build_model(dict(name="vit", patch_size=4, embed_dim=32, depth=2, num_heads=4,
                            mlp_dim=64), num_classes=3)
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   variables = model.init(jax.random.key(0), images)
@@ -56,7 +56,7 @@ def test_bad_fields_get_clear_errors():
     build_model(dict(name="vitt"), 10)
   with pytest.raises(ValueError, match="model.patchsize is not a field of model 'vit'"):
     build_model(dict(name="vit", patchsize=4), 10)
-  model = build_model(dict(name="vit", patch_size=5, hidden_dim=8, depth=1, num_heads=2,
+  model = build_model(dict(name="vit", patch_size=5, embed_dim=8, depth=1, num_heads=2,
                            mlp_dim=8), 10)
   with pytest.raises(ValueError, match="model.patch_size=5 must divide the image size 16x16"):
     model.init(jax.random.key(0), jnp.ones((1, 16, 16, 3)))
@@ -66,7 +66,7 @@ def test_bad_fields_get_clear_errors():
 
 def test_extract_attention_lists_every_block():
   from efficient_vit.attention_maps import extract_attention
-  model = build_model(dict(name="vit", patch_size=4, hidden_dim=16, depth=3, num_heads=2,
+  model = build_model(dict(name="vit", patch_size=4, embed_dim=16, depth=3, num_heads=2,
                            mlp_dim=16, pooling="gap"), num_classes=3)
   images = jnp.ones((1, 8, 8, 3))
   maps = extract_attention(model, model.init(jax.random.key(0), images), images)

@@ -143,7 +143,7 @@ class CCT(nn.Module):
       bias).
     num_conv_layers: conv tokenizer: number of conv + ReLU + max-pool layers.
     conv_channels: conv tokenizer: channels of every layer but the last (which has
-      hidden_dim).
+      embed_dim).
     conv_kernel_size, conv_stride, conv_padding: conv tokenizer's convolutions.
     pool_kernel_size, pool_stride, pool_padding: conv tokenizer's max-pools.
     tokenizer_form: conv tokenizer's padding: `official` (before each convolution; the
@@ -151,12 +151,12 @@ class CCT(nn.Module):
       convolution, then zero padding after the ReLU, then a TensorFlow "same" max-pool);
       see `ConvTokenizer`.
     patch_size: patch tokenizer: side of the square patches.
-    hidden_dim: token width.
+    embed_dim: token width.
     depth: number of encoder blocks.
     num_heads: attention heads.
     mlp_dim: hidden width of each block's MLP.
-    head_dim: per-head width of q/k/v (None: hidden_dim // num_heads; the Keras example
-      uses hidden_dim).
+    head_dim: per-head width of q/k/v (None: embed_dim // num_heads; the Keras example
+      uses embed_dim).
     qkv_bias: biases on the q/k/v projections (official: no; Keras example: yes); the
       output projection always has one.
     pooling: `seq` (sequence pooling: CCT, CVT) or `cls` (class token: ViT-Lite).
@@ -186,7 +186,7 @@ class CCT(nn.Module):
   pool_padding: int = 1
   tokenizer_form: str = "official"
   patch_size: int = 4
-  hidden_dim: int = 256
+  embed_dim: int = 256
   depth: int = 7
   num_heads: int = 4
   mlp_dim: int = 512
@@ -214,13 +214,13 @@ class CCT(nn.Module):
 
     x = images.astype(self.dtype)
     if self.tokenizer == "conv":
-      x = ConvTokenizer(self.hidden_dim, self.num_conv_layers, self.conv_channels,
+      x = ConvTokenizer(self.embed_dim, self.num_conv_layers, self.conv_channels,
                         self.conv_kernel_size, self.conv_stride, self.conv_padding,
                         self.pool_kernel_size, self.pool_stride, self.pool_padding,
                         form=self.tokenizer_form,
                         dtype=self.dtype, name="conv_tokenizer")(x)
     else:
-      x = layers.PatchEmbedding(self.patch_size, self.hidden_dim, dtype=self.dtype,
+      x = layers.PatchEmbedding(self.patch_size, self.embed_dim, dtype=self.dtype,
                                 name="patch_embedding")(x)
     if self.pooling == "cls":
       x = layers.ClassToken(name="class_token")(x)
@@ -236,7 +236,8 @@ class CCT(nn.Module):
                                   proj_bias=True,
                                   attention_dropout_rate=self.attention_dropout_rate,
                                   dtype=self.dtype)
-    x = layers.Encoder(self.mlp_dim, attention, depth=self.depth, mlp_activation=self.mlp_activation,
+    x = layers.Encoder(self.mlp_dim, attention, depth=self.depth,
+                       mlp_activation=self.mlp_activation,
                        mlp_activate_last=self.mlp_activate_last, block_form=self.block_form,
                        dropout_rate=self.dropout_rate, drop_path_rate=self.drop_path_rate,
                        norm_epsilon=self.norm_epsilon, dtype=self.dtype,

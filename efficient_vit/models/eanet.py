@@ -135,7 +135,7 @@ class EANet(nn.Module):
   Structure of the Keras example: patches embedded by one linear map (a strided
   convolution here: the same parameters as its patch extraction + Dense) plus a learned
   position embedding; `depth` pre-norm blocks (LayerNorm eps 1e-5) of attention and a
-  [mlp_dim, hidden_dim] GELU MLP, with no final LayerNorm; mean over tokens; Dense head.
+  [mlp_dim, embed_dim] GELU MLP, with no final LayerNorm; mean over tokens; Dense head.
 
   Parameter counts with 100 classes (CIFAR-100 at 32, patch 2: 256 tokens, dim 64,
   8 blocks, 4 heads, coefficient 4, MLP 64), the same as the Keras model's trainable
@@ -161,15 +161,15 @@ class EANet(nn.Module):
   Attributes:
     num_classes: output classes.
     patch_size: side of the square patches.
-    hidden_dim: token width.
+    embed_dim: token width.
     depth: number of encoder blocks.
     num_heads: attention heads (external attention uses num_heads * dim_coefficient).
     dim_coefficient: external attention's widening factor.
-    memory_units: external attention's S; None: hidden_dim // dim_coefficient.
+    memory_units: external attention's S; None: embed_dim // dim_coefficient.
     mlp_dim: hidden width of each block's MLP.
     attention: `external` or `self`.
-    head_dim: per-head width of q/k/v when attention="self" (None: hidden_dim //
-      num_heads; the example's key_dim is hidden_dim).
+    head_dim: per-head width of q/k/v when attention="self" (None: embed_dim //
+      num_heads; the example's key_dim is embed_dim).
     dropout_rate, attention_dropout_rate, drop_path_rate: regularisers.
     mlp_activation: activation of the blocks' MLPs (`layers.ACTIVATIONS`; Keras' "gelu"
       is the exact `gelu`).
@@ -178,7 +178,7 @@ class EANet(nn.Module):
 
   num_classes: int
   patch_size: int = 2
-  hidden_dim: int = 64
+  embed_dim: int = 64
   depth: int = 8
   num_heads: int = 4
   dim_coefficient: int = 4
@@ -197,10 +197,10 @@ class EANet(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     if self.attention not in ATTENTIONS:
       raise ValueError(f"model.attention={self.attention!r}; allowed: {', '.join(ATTENTIONS)}")
-    if self.hidden_dim % self.num_heads:
+    if self.embed_dim % self.num_heads:
       raise ValueError(f"model.num_heads={self.num_heads} must divide "
-                       f"model.hidden_dim={self.hidden_dim}.")
-    x = layers.PatchEmbedding(self.patch_size, self.hidden_dim, dtype=self.dtype,
+                       f"model.embed_dim={self.embed_dim}.")
+    x = layers.PatchEmbedding(self.patch_size, self.embed_dim, dtype=self.dtype,
                               name="patch_embedding")(images.astype(self.dtype))
     x = layers.LearnedPositionEmbedding(name="position_embedding")(x)
     if self.attention == "external":
@@ -215,7 +215,8 @@ class EANet(nn.Module):
                                     head_dim=self.head_dim,
                                     attention_dropout_rate=self.attention_dropout_rate,
                                     dtype=self.dtype)
-    x = layers.Encoder(self.mlp_dim, attention, depth=self.depth, mlp_activation=self.mlp_activation,
+    x = layers.Encoder(self.mlp_dim, attention, depth=self.depth,
+                       mlp_activation=self.mlp_activation,
                        dropout_rate=self.dropout_rate, drop_path_rate=self.drop_path_rate,
                        norm_epsilon=self.norm_epsilon, dtype=self.dtype,
                        name="encoder")(x, train=train)

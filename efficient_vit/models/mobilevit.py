@@ -156,8 +156,8 @@ class ConvBlock(nn.Module):
   use_bias: bool = False
   use_norm: bool = True
   use_activation: bool = True
-  norm_momentum: float = 0.9
-  norm_epsilon: float = 1e-5
+  batch_norm_momentum: float = 0.9
+  batch_norm_epsilon: float = 1e-5
   padding: str = "symmetric"
   dtype: layers.Dtype = jnp.float32
 
@@ -176,8 +176,8 @@ class ConvBlock(nn.Module):
                   padding=pads, use_bias=self.use_bias,
                   kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
     if self.use_norm:
-      x = nn.BatchNorm(use_running_average=not train, momentum=self.norm_momentum,
-                       epsilon=self.norm_epsilon, dtype=self.dtype, name="norm")(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=self.batch_norm_momentum,
+                       epsilon=self.batch_norm_epsilon, dtype=self.dtype, name="norm")(x)
     return nn.swish(x) if self.use_activation else x
 
 
@@ -229,9 +229,9 @@ class MobileViTBlock(nn.Module):
   resize_to_patches: bool = False
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  norm_momentum: float = 0.9
+  batch_norm_momentum: float = 0.9
+  batch_norm_epsilon: float = 1e-5
   norm_epsilon: float = 1e-5
-  layer_norm_epsilon: float = 1e-5
   mlp_activation: str = "silu"
   dtype: layers.Dtype = jnp.float32
 
@@ -242,7 +242,8 @@ class MobileViTBlock(nn.Module):
     keras = self.variant == "keras"
     # paper: BN after every conv but the 1x1 into the transformer; keras: bias + swish, no BN.
     conv = functools.partial(ConvBlock, use_bias=keras, use_norm=not keras,
-                             norm_momentum=self.norm_momentum, norm_epsilon=self.norm_epsilon,
+                             batch_norm_momentum=self.batch_norm_momentum,
+                             batch_norm_epsilon=self.batch_norm_epsilon,
                              dtype=self.dtype)
     local = conv(self.dim if keras else channels, kernel_size=3, name="local_conv")(
         x, train=train)
@@ -273,10 +274,10 @@ class MobileViTBlock(nn.Module):
           dropout_rate=self.dropout_rate,
           attention_output_dropout_rate=0.0 if keras else None,
           mlp_hidden_dropout_rate=None if keras else 0.0,
-          norm_epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+          norm_epsilon=self.norm_epsilon, dtype=self.dtype,
           name=f"transformer_{i}")(tokens, train=train)
     if not keras:
-      tokens = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+      tokens = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
                             name="transformer_norm")(tokens)
     y = fold(tokens.reshape(patches.shape), ph, pw, p)             # [b, h', w', d]
     if (ph, pw) != (h, w):
@@ -300,7 +301,7 @@ class MobileViT(nn.Module):
       (2, 1, 2, 2, 2, 2) reduces 256 to 8.
     mv2_depths: MV2 blocks per MV2-only stage (paper: 1, 3).
     expansion: MV2 expansion factor (XXS 2, XS and S 4).
-    transformer_dims: transformer width d of each MobileViT stage.
+    embed_dims: transformer width d of each MobileViT stage.
     transformer_depths: transformer blocks of each MobileViT stage (paper: 2, 4, 3).
     mlp_dims: FFN hidden width of each MobileViT stage (paper: 2d).
     num_heads: attention heads (paper 4, of width d / 4; Keras 2, each of width d).
@@ -326,7 +327,7 @@ class MobileViT(nn.Module):
   strides: Sequence[int] = (2, 1, 2, 2, 2, 2)
   mv2_depths: Sequence[int] = (1, 3)
   expansion: int = 2
-  transformer_dims: Sequence[int] = (64, 80, 96)
+  embed_dims: Sequence[int] = (64, 80, 96)
   transformer_depths: Sequence[int] = (2, 4, 3)
   mlp_dims: Sequence[int] = (128, 160, 192)
   num_heads: int = 4
@@ -346,34 +347,34 @@ class MobileViT(nn.Module):
     if self.conv_padding not in CONV_PADDINGS:
       raise ValueError(f"model.conv_padding={self.conv_padding!r}; allowed: "
                        f"{', '.join(CONV_PADDINGS)}")
-    num_vit = len(self.transformer_dims)
+    num_vit = len(self.embed_dims)
     if len(self.transformer_depths) != num_vit or len(self.mlp_dims) != num_vit:
-      raise ValueError("model.transformer_dims, model.transformer_depths and model.mlp_dims "
-                       f"must have one entry per MobileViT stage; got {self.transformer_dims}, "
+      raise ValueError("model.embed_dims, model.transformer_depths and model.mlp_dims "
+                       f"must have one entry per MobileViT stage; got {self.embed_dims}, "
                        f"{self.transformer_depths}, {self.mlp_dims}")
     num_stages = len(self.mv2_depths) + num_vit
     if len(self.stage_channels) != num_stages:
       raise ValueError(f"model.stage_channels needs {num_stages} entries (len(mv2_depths) + "
-                       f"len(transformer_dims)); got {self.stage_channels}")
+                       f"len(embed_dims)); got {self.stage_channels}")
     if len(self.strides) != num_stages + 1 or any(s not in (1, 2) for s in self.strides):
       raise ValueError(f"model.strides needs {num_stages + 1} entries (stem + stages), each "
                        f"1 or 2; got {self.strides}")
     if self.patch_size < 1:
       raise ValueError(f"model.patch_size={self.patch_size}; allowed: a positive integer")
     if self.variant == "paper":
-      for dim in self.transformer_dims:
+      for dim in self.embed_dims:
         if dim % self.num_heads:
           raise ValueError(f"model.num_heads={self.num_heads} must divide every "
-                           f"model.transformer_dims entry; got {self.transformer_dims}")
+                           f"model.embed_dims entry; got {self.embed_dims}")
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     self._check()
     keras = self.variant == "keras"
     # Keras layers' defaults (BN momentum 0.99, eps 1e-3; LN eps 1e-6) vs PyTorch's.
-    norm = dict(norm_momentum=0.99, norm_epsilon=1e-3) if keras else dict(
-        norm_momentum=0.9, norm_epsilon=1e-5)
-    layer_norm_epsilon = 1e-6 if keras else 1e-5
+    norm = dict(batch_norm_momentum=0.99, batch_norm_epsilon=1e-3) if keras else dict(
+        batch_norm_momentum=0.9, batch_norm_epsilon=1e-5)
+    norm_epsilon = 1e-6 if keras else 1e-5
 
     conv = functools.partial(ConvBlock, padding=self.conv_padding, dtype=self.dtype, **norm)
     x = conv(self.stem_channels, kernel_size=3, strides=self.strides[0], use_bias=keras,
@@ -385,7 +386,7 @@ class MobileViT(nn.Module):
                              strides=self.strides[stage + 1] if j == 0 else 1, conv=conv,
                              name=f"stage_{stage + 1}_mv2_{j}")(x, train=train)
       stage += 1
-    for dim, depth, mlp_dim in zip(self.transformer_dims, self.transformer_depths,
+    for dim, depth, mlp_dim in zip(self.embed_dims, self.transformer_depths,
                                    self.mlp_dims):
       x = InvertedResidual(self.stage_channels[stage], self.expansion,
                            strides=self.strides[stage + 1], conv=conv,
@@ -394,7 +395,7 @@ class MobileViT(nn.Module):
                          variant=self.variant, resize_to_patches=self.resize_to_patches,
                          dropout_rate=self.dropout_rate,
                          attention_dropout_rate=self.attention_dropout_rate,
-                         layer_norm_epsilon=layer_norm_epsilon,
+                         norm_epsilon=norm_epsilon,
                          mlp_activation=self.mlp_activation, dtype=self.dtype,
                          name=f"stage_{stage + 1}_mobilevit", **norm)(x, train=train)
       stage += 1

@@ -31,12 +31,12 @@ class ViT(nn.Module):
   Attributes:
     num_classes: output classes.
     patch_size: side of the square patches.
-    hidden_dim: token width.
+    embed_dim: token width.
     depth: number of encoder blocks.
     num_heads: attention heads.
     mlp_dim: hidden width of each block's MLP.
-    head_dim: per-head width of q/k/v (None: hidden_dim // num_heads; the Keras example
-      uses hidden_dim, i.e. `key_dim=projection_dim`).
+    head_dim: per-head width of q/k/v (None: embed_dim // num_heads; the Keras example
+      uses embed_dim, i.e. `key_dim=projection_dim`).
     pooling: `cls` (class token), `gap` (mean over tokens) or `flatten` (all tokens
       concatenated, the Keras example).
     head_hidden_dims: widths of an MLP between the pooled features and the classifier
@@ -55,7 +55,7 @@ class ViT(nn.Module):
 
   num_classes: int
   patch_size: int = 16
-  hidden_dim: int = 384
+  embed_dim: int = 384
   depth: int = 12
   num_heads: int = 6
   mlp_dim: int = 1536
@@ -82,7 +82,7 @@ class ViT(nn.Module):
       raise ValueError(f"model.fc_norm=True needs model.pooling='gap'; got "
                        f"model.pooling={self.pooling!r}")
     layers.activation_fn(self.mlp_activation)
-    x = layers.PatchEmbedding(self.patch_size, self.hidden_dim, dtype=self.dtype,
+    x = layers.PatchEmbedding(self.patch_size, self.embed_dim, dtype=self.dtype,
                               name="patch_embedding")(images.astype(self.dtype))
     if self.pooling == "cls":
       x = layers.ClassToken(name="class_token")(x)
@@ -93,7 +93,8 @@ class ViT(nn.Module):
                                   attention_dropout_rate=self.attention_dropout_rate,
                                   qkv_bias=self.qkv_bias, proj_bias=self.proj_bias,
                                   dtype=self.dtype)
-    x = layers.Encoder(self.mlp_dim, attention, depth=self.depth, mlp_activation=self.mlp_activation,
+    x = layers.Encoder(self.mlp_dim, attention, depth=self.depth,
+                       mlp_activation=self.mlp_activation,
                        mlp_activate_last=self.mlp_activate_last,
                        dropout_rate=self.dropout_rate, drop_path_rate=self.drop_path_rate,
                        norm_epsilon=self.norm_epsilon, dtype=self.dtype,
