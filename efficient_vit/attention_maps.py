@@ -269,30 +269,16 @@ def mobilevit_stage_maps(maps: dict[str, Any], *, batch: int,
 def restore_variables(workdir: str, step: int | None = None,
                       use_ema: bool = False) -> dict[str, Any]:
   """The model variables ({'params', and 'batch_stats' for batch-norm models}) of the
-  checkpoint of `train.train_and_evaluate` in `workdir` (the latest unless `step`).
-
-  Restored as plain arrays without a target, so that it reads any version of the train
-  state; `use_ema` takes `ema_params` (`config.optimizer.ema_decay` > 0), an error where
-  the checkpoint has none.
+  checkpoint of `train.train_and_evaluate` in `workdir` (the latest unless `step`);
+  `use_ema` takes `ema_params` (`config.optimizer.ema_decay` > 0), an error where the
+  checkpoint has none. Read by `export.restore_variables` (parameters only, no optimizer).
   """
-  import orbax.checkpoint as ocp
+  from efficient_vit import export
 
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise FileNotFoundError(f"workdir={workdir!r} has no checkpoints/ folder; train into it "
                             "first (train.train_and_evaluate(config, workdir))")
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"workdir={workdir!r} has no checkpoint yet")
-    restored = manager.restore(step, args=ocp.args.Composite(train=ocp.args.StandardRestore()))
-  state = restored["train"]["state"]
-  state = state if isinstance(state, dict) else flax.serialization.to_state_dict(state)
-  if use_ema and not state.get("ema_params"):
-    raise KeyError(f"use_ema=True but the checkpoint of step {step} has no ema_params")
-  variables = {"params": state["ema_params"] if use_ema else state["params"]}
-  if state.get("batch_stats"):
-    variables["batch_stats"] = state["batch_stats"]
+  variables, _ = export.restore_variables(workdir, "ema" if use_ema else "raw", step)
   return variables
 
 

@@ -20,7 +20,6 @@ already has a checkpoint resumes from it instead: resuming wins over `init_from`
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -121,24 +120,19 @@ def fit(source: dict, target: dict, source_name: str) -> dict:
 
 def _project_variables(config) -> tuple[dict, str]:
   """The latest raw parameters (and batch statistics) of a run of this project."""
-  import orbax.checkpoint as ocp
+  from efficient_vit import export
 
   path = os.path.abspath(config.init_from.path)
-  with open(os.path.join(path, "model.json"), encoding="utf-8") as f:
-    saved = json.load(f)
+  saved = export.read_model_info(path)
   if saved["model"]["name"] != config.model.name:
     raise ValueError(f"config.init_from.path={config.init_from.path!r} holds a "
                      f"{saved['model']['name']!r} model; this run's config.model.name is "
                      f"{config.model.name!r}")
-  with ocp.CheckpointManager(os.path.join(path, "checkpoints")) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise ValueError(f"config.init_from.path={config.init_from.path!r} has no checkpoint")
-    state = manager.restore(step)["train"]["state"]
-  variables = {"params": state["params"]}
-  if state.get("batch_stats"):
-    variables["batch_stats"] = state["batch_stats"]
-  return variables, f"{config.init_from.path} (step {step})"
+  try:
+    variables, run = export.restore_variables(path, "raw")
+  except FileNotFoundError as e:
+    raise ValueError(f"config.init_from.path={config.init_from.path!r} has no checkpoint") from e
+  return variables, f"{config.init_from.path} (step {run['step']})"
 
 
 def _reference_variables(config, model, fresh: dict) -> tuple[dict, str]:
