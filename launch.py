@@ -3,8 +3,13 @@
     uv run launch.py --config configs/vit.py:tiny_cifar10 --workdir runs/vit_tiny \
         [--config.batch_size=256 ...]
 
-A second call with the same --workdir resumes from its latest checkpoint. On a multi-host
-system (TPU pod, several GPU hosts) add --distributed on every host.
+A second call with the same --workdir resumes from its latest checkpoint. On several
+hosts (TPU pod slice, GPU hosts under SLURM or Open MPI) every host runs the same command
+with --distributed; elsewhere give the coordinator explicitly on each process:
+
+    uv run launch.py ... --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0
+
+(README, "Several devices and hosts").
 """
 
 from absl import app, flags, logging
@@ -15,9 +20,34 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the resolved "
                                "config go; an existing one is resumed.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() first (multi-host runs).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Run as one of several processes: jax.distributed.initialize(), "
+    "auto-detected on TPU pods, SLURM and Open MPI (implied by the three flags below).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, reachable from every process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes take part.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to "
+                                   "num_processes - 1.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """`jax.distributed.initialize` with what was given (None: auto-detected). Processes on
+  CPU devices exchange their collectives through gloo."""
+  import jax
+
+  given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+           "process_id": process_id}
+  if any(v is not None for v in given.values()) and None in given.values():
+    missing = ", ".join(f"--{k}" for k, v in given.items() if v is None)
+    raise app.UsageError(f"{missing} missing; allowed: all three of --coordinator_address, "
+                         "--num_processes and --process_id, or none (auto-detection)")
+  if num_processes is not None and not 0 <= process_id < num_processes:
+    raise app.UsageError(f"--process_id={process_id}; allowed: 0 to {num_processes - 1} "
+                         f"(--num_processes={num_processes})")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
 
 
 def main(argv):
@@ -27,14 +57,16 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import jax  # After flag parsing, so that --help stays fast.
 
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  if _DISTRIBUTED.value or any(flag.value is not None for flag in (
+      _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from efficient_vit.train import train_and_evaluate
 
   config = _CONFIG.value
   logging.info("JAX: %d processes, %d devices (%s).", jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
-  print(f"config:\n{config}", flush=True)
+  if jax.process_index() == 0:
+    print(f"config:\n{config}", flush=True)
   train_and_evaluate(config, _WORKDIR.value)
 
 

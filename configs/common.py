@@ -33,6 +33,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment.zoom = 0.0  # Random zoom by up to +-zoom (0.2: 80%..120%).
   c.augment.rotation = 0.0  # Random rotation by up to +-rotation of a full turn (Keras' factor).
   c.augment.contrast = 0.0  # Random contrast factor in [1 - contrast, 1 + contrast].
+  # crop=inception: the range of the crop's area, as a fraction of the image (timm's scale).
+  c.augment.crop_scale = (0.08, 1.0)
+  # crop=inception: eval resizes to image_size / fraction and takes the central crop (timm's
+  # crop_pct; 1.0: the whole image resized).
+  c.augment.eval_crop_fraction = 0.875
+  # Everything below runs in JAX inside the train step (efficient_vit/augment.py); the
+  # defaults switch each op off.
+  c.augment.randaugment_num_ops = 0  # timm's rand-mM-mstdS-inc1: ops per image (0: off)...
+  c.augment.randaugment_magnitude = 0.0  # ...their magnitude M in [0, 10]...
+  c.augment.randaugment_magnitude_std = 0.0  # ...and its per-op standard deviation S.
+  c.augment.autoaugment = "none"  # none | cifar10 (AutoAugment's CIFAR-10 policy).
+  c.augment.colour_jitter = 0.0  # Brightness, contrast, saturation factors in [1 -+ s].
+  c.augment.random_erasing_prob = 0.0  # timm's reprob...
+  c.augment.random_erasing_mode = "pixel"  # ...and remode: pixel | rand | const.
+  c.augment.mixup_alpha = 0.0  # Mixup's Beta(alpha, alpha) (0: no Mixup).
+  c.augment.cutmix_alpha = 0.0  # CutMix's Beta(alpha, alpha) (0: no CutMix).
+  c.augment.mix_prob = 1.0  # Probability that a batch is mixed at all...
+  c.augment.mix_switch_prob = 0.5  # ...and that it is CutMix when both are on.
+  c.augment.mix_stop_epoch = -1.0  # No mixing from this epoch on (-1: mix to the end).
 
   # Schedule of the run. Steps count global batches.
   c.batch_size = 128  # Global, over all devices and hosts.
@@ -44,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.log_every_steps = 50
   c.seed = 0
-  c.parallelism = "shard_map"  # shard_map | pmap
+  c.parallelism = "shard_map"  # shard_map | pmap | fsdp (state sharded over devices)
   c.dtype = "float32"  # float32 | bfloat16: the dtype of activations; parameters stay float32.
   # A step whose loss or gradient is NaN or infinite: stop (the run ends with an error naming
   # the step; nothing of it is saved) | skip (the update is dropped and counted in the train
@@ -62,6 +81,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "vit"
+  # Compile time, memory and attention kernel; every family has them, none changes a logit
+  # (efficient_vit/layers.py). scan: nn.scan over identical blocks (parameters stacked on a
+  # leading [depth] axis; efficient_vit/scan_layout.py converts checkpoints).
+  c.model.scan = False
+  c.model.remat = "none"  # none | block | a jax.checkpoint_policies name (layers.REMATS).
+  c.model.attention_impl = "xla"  # xla | cudnn (NVIDIA GPUs) | auto (cudnn where it can).
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | lamb | sgd

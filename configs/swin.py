@@ -63,11 +63,11 @@ Presets (`--config configs/swin.py:NAME`):
   5, label smoothing 0.1, no EMA. Weight decay: the official set_weight_decay spares 1-D
   parameters, every `.bias` and `relative_position_bias_table`; the mask here
   (efficient_vit/optim.py `_decay_mask`) spares the same.
-  Not expressed yet (no trainer fields): the augmentation (RandAugment
-  rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8 / CutMix 1.0 with switch
-  probability 0.5, bicubic interpolation) and float16 mixed precision
-  (`AMP_ENABLE = True`). Until then these presets train with inception crop + flip only.
-  Not yet measured.
+  Augmentation (config.py `_C.AUG.*`, cited in `get_config`, run in the train step):
+  inception crop, flip, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8 /
+  CutMix 1.0 with switch probability 0.5; eval resizes to 256 and crops 224.
+  Not expressed: bicubic interpolation (bilinear here) and float16 mixed precision
+  (`AMP_ENABLE = True`; `--config.dtype=bfloat16` is the nearest). Not yet measured.
   Architecture source: microsoft/Swin-Transformer models/swin_transformer.py (the same
   computation as timm's timm/models/swin_transformer.py): exact GELU, LayerNorm eps 1e-5,
   q/k/v biases, patch norm, merging norm, final norm. Backed by
@@ -118,8 +118,22 @@ def get_config(preset: str = "keras"):
     c.train_split = "train"
     c.eval_split = "validation"
     c.image_size = 224
-    c.augment.crop = "inception"
-    c.augment.flip = True
+    # microsoft/Swin-Transformer config.py `_C.AUG.*`, run through timm's create_transform
+    # and Mixup (data/build.py):
+    c.augment.update(
+        crop="inception",  # RandomResizedCrop, timm's default scale 0.08-1
+        crop_scale=(0.08, 1.0),
+        eval_crop_fraction=0.875,  # `_C.TEST.CROP = True`: resize 256, centre crop 224
+        flip=True,  # timm's default hflip 0.5
+        # `_C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'` (2 ops, magnitude 9, std 0.5)
+        randaugment_num_ops=2, randaugment_magnitude=9.0, randaugment_magnitude_std=0.5,
+        colour_jitter=0.0,  # `_C.AUG.COLOR_JITTER = 0.4`, which timm skips under RandAugment
+        random_erasing_prob=0.25,  # `_C.AUG.REPROB = 0.25`
+        random_erasing_mode="pixel",  # `_C.AUG.REMODE = 'pixel'` (`RECOUNT = 1`)
+        mixup_alpha=0.8,  # `_C.AUG.MIXUP = 0.8`
+        cutmix_alpha=1.0,  # `_C.AUG.CUTMIX = 1.0`
+        mix_prob=1.0,  # `_C.AUG.MIXUP_PROB = 1.0` (`MIXUP_MODE = 'batch'`)
+        mix_switch_prob=0.5)  # `_C.AUG.MIXUP_SWITCH_PROB = 0.5`
     # microsoft/Swin-Transformer get_started.md trains Swin-T and Swin-S on 8 GPUs with
     # `--batch-size 128`, Swin-B with `--batch-size 64 --accumulation-steps 2`: 1,024
     # images per update for all three.

@@ -42,12 +42,14 @@ Presets (`--config configs/vit.py:NAME`):
       clip 1.0, plain softmax cross-entropy. Its weight decay reaches `kernel`s only (wd_mults
       default `.*/kernel$`); the mask here (efficient_vit/optim.py `_decay_mask`) decays
       the kernels too, and spares biases (q/k/v biases included), norms and tables.
-      Not expressed yet (no trainer fields): RandAugment(2, 10) and Mixup p=0.2, pixel
-      range [-1, 1] (here: per-dataset mean and std), Adam's first moment in bfloat16
-      (`mu_dtype='bfloat16'`), and the training split `train[:99%]` (1% held out as
-      minival; `--config.train_split='train[:99%]'` restores it). Note that big_vision's
-      config trains its own ViT-S/16 (global average pooling, 2-D sin-cos position
-      embedding, a pre-logits layer: `pool_type='gap'`, `posemb='sincos2d'`,
+      Augmentation (cited in `get_config`): inception crop, flip, RandAugment(2, 10) and
+      Mixup with Beta(0.2, 0.2); big_vision's RandAugment op set (TF's autoaugment.py:
+      with Cutout and Identity, no SolarizeIncreasing) is approximated by timm's `inc1` set.
+      Not expressed: pixel range [-1, 1] (here: per-dataset mean and std), Adam's first
+      moment in bfloat16 (`mu_dtype='bfloat16'`), and the training split `train[:99%]` (1%
+      held out as minival; `--config.train_split='train[:99%]'` restores it). Note that
+      big_vision's config trains its own ViT-S/16 (global average pooling, 2-D sin-cos
+      position embedding, a pre-logits layer: `pool_type='gap'`, `posemb='sincos2d'`,
       `rep_size=True`); this preset keeps the original ViT architecture above and applies
       that recipe to it.
 """
@@ -90,9 +92,18 @@ def get_config(preset: str = "keras"):
     c.dataset = "imagenet2012"
     c.eval_split = "validation"  # ImageNet's test labels are not public.
     c.image_size = 224
-    c.augment.crop = "inception"
     # Recipe: google-research/big_vision big_vision/configs/vit_s16_i1k.py, key = value
     # quoted per line.
+    c.augment.update(
+        crop="inception",  # `pp_train`: `decode_jpeg_and_inception_crop(224)` (0.08-1)
+        crop_scale=(0.08, 1.0),
+        eval_crop_fraction=0.875,  # `pp_eval`: `resize_small(256)|central_crop(224)`
+        flip=True,  # `|flip_lr`
+        # `|randaug(2,10)`: 2 ops at magnitude 10 (big_vision's own op set, from TF's
+        # autoaugment.py; here timm's `inc1` set at the same magnitude, see the docstring)
+        randaugment_num_ops=2, randaugment_magnitude=10.0, randaugment_magnitude_std=0.0,
+        mixup_alpha=0.2,  # `config.mixup = dict(p=0.2, ...)`: Beta(0.2, 0.2), every batch
+        cutmix_alpha=0.0, mix_prob=1.0)
     c.batch_size = 1024  # `config.input.batch_size = 1024`
     c.num_epochs = 90.0  # `config.total_epochs = 90` (300: `--config.num_epochs=300`)
     c.eval_every_steps = 5000

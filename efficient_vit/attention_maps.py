@@ -44,6 +44,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from efficient_vit import scan_layout
+
 # ---------------------------------------------------------------------------------------
 # Extraction and selection.
 
@@ -53,8 +55,10 @@ def extract_attention(model: nn.Module, variables: dict, images: jax.Array) -> d
 
   Weights are as each family documents them, usually [batch, heads, queries, keys];
   a module called several times (shared weights) gives one entry per call, `path#i`;
-  weights sown under another name than `attention_weights` get `path:name`.
+  weights sown under another name than `attention_weights` get `path:name`. A model with
+  `model.scan` is run unscanned (`scan_layout.plain`), so the paths are the same either way.
   """
+  model, variables = scan_layout.plain(model, variables)
   _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(state["intermediates"]), sep="/")
   maps = {}

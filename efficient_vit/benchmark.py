@@ -119,12 +119,13 @@ def peak_tflops_per_device(device_kind: str, dtype: str) -> float | None:
 
 def fixed_batch(batch_size: int, image_size: int, num_classes: int, seed: int = 0,
                 with_mask: bool = False) -> dict:
-  """A host batch of normal-noise images and random labels, shaped like the pipeline's."""
+  """A host batch of uniform-noise uint8 images and random labels, shaped like the
+  pipelines' (the steps augment and normalise it)."""
   import numpy as np
 
   rng = np.random.default_rng(seed)
-  batch = {"image": rng.standard_normal((batch_size, image_size, image_size, 3),
-                                        dtype=np.float32),
+  batch = {"image": rng.integers(0, 256, (batch_size, image_size, image_size, 3),
+                                 dtype=np.uint8),
            "label": rng.integers(0, num_classes, (batch_size,), dtype=np.int32)}
   if with_mask:
     batch["mask"] = np.ones((batch_size,), np.float32)
@@ -219,6 +220,15 @@ def nominal_info(config, num_classes: int | None = None):
       num_train_examples=NOMINAL_TRAIN_EXAMPLES, num_eval_examples=0)
 
 
+def measurable_config(config):
+  """A copy of `config` whose schedule `train.build` accepts for a nominal run: the
+  learning-rate schedule does not change what a step computes, but a recipe whose warmup is
+  longer than the nominal run (a 50,000-image epoch) must still be measurable."""
+  config = config.copy_and_resolve_references()
+  config.optimizer.update(warmup_steps=0, warmup_epochs=0.0, cooldown_epochs=0.0)
+  return config
+
+
 def _check_host_memory(compiled) -> None:
   """On CPU, refuses a step that would take more than half the free host memory: the host
   would kill the process (or a neighbour's) instead of raising an error."""
@@ -243,16 +253,13 @@ def benchmark_config(config, *, config_name: str = "", steps: int = 10, warmup_s
   """Times one config's train and eval steps; returns the JSON record (module docstring)."""
   import jax
 
-  from efficient_vit import cost, device_input, train
+  from efficient_vit import cost, device_input, input_pipeline, train
 
   if input_mode not in ("both", "fixed"):
     raise ValueError(f"input={input_mode!r}; allowed: both, fixed")
   if steps <= 0 or warmup_steps < 0:
     raise ValueError(f"steps={steps} must be positive and warmup_steps={warmup_steps} >= 0")
-  # The learning-rate schedule does not change what a step computes; a recipe whose warmup
-  # is longer than the nominal run (a 50,000-image epoch) must still be measurable.
-  config = config.copy_and_resolve_references()
-  config.optimizer.update(warmup_steps=0, warmup_epochs=0.0, cooldown_epochs=0.0)
+  config = measurable_config(config)
   experiment = train.build(config, nominal_info(config))
   num_classes, model = experiment.info.num_classes, experiment.model
   size, batch_size = config.image_size, config.batch_size
@@ -266,7 +273,9 @@ def benchmark_config(config, *, config_name: str = "", steps: int = 10, warmup_s
   parallel = experiment.parallel
   del host_state  # The devices hold their own copy.
 
-  train_batch = parallel.put_batch(fixed_batch(batch_size, size, num_classes))
+  # The pipelines' uint8 size (larger than image_size for augment.crop=resize).
+  train_batch = parallel.put_batch(fixed_batch(
+      batch_size, input_pipeline.input_size(config), num_classes))
   eval_batch = parallel.put_batch(fixed_batch(batch_size, size, num_classes, with_mask=True))
   compile_train_s = timer.compile_train(train_batch)
   _check_host_memory(timer.train)

@@ -1,25 +1,26 @@
 """Device-resident input path for datasets that fit in accelerator memory (CIFAR).
 
-The train split is read from TFDS once, kept on the devices as uint8 and sharded over the
-`data` axis: each device holds 1/n of the examples. Every step, inside one jitted
-function, each device draws its share of the batch from its own examples in the order
-of a per-epoch random permutation and augments it (crop, flip, zoom, rotation, contrast,
-normalisation: the semantics of `input_pipeline._augment`), so the host does no
-per-step work and nothing crosses the host-device link.
+The train split is read from TFDS once, brought to the size the step takes
+(`input_pipeline.input_size`, the same resize as the tf.data path), kept on the devices as
+uint8 and sharded over the `data` axis: each device holds 1/n of the examples. Every step,
+inside one jitted function, each device draws its share of the batch from its own examples
+in the order of a per-epoch random permutation, so the host does no per-step work and
+nothing crosses the host-device link. Batches are uint8, as the tf.data path's: the train
+step augments and normalises them (efficient_vit/augment.py), whichever path they came by.
 
-Everything random is a function of (seed, device, step), so a resumed run draws the same
-batches as one that never stopped. Examples are split over devices once, so an epoch
-permutes each device's examples rather than the whole split.
+The order is a function of (seed, device, step), so a resumed run draws the same batches
+as one that never stopped. Examples are split over devices once, so an epoch permutes
+each device's examples rather than the whole split.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -38,7 +39,7 @@ def split_bytes(config) -> int | None:
   if any(d is None for d in shape):
     return None
   num = input_pipeline._num_examples(config, config.train_split)
-  return int(num * np.prod(shape))
+  return int(num * input_pipeline.input_size(config) ** 2 * shape[-1])
 
 
 def unsupported_reason(config) -> str | None:
@@ -69,65 +70,6 @@ def resolve(config) -> str:
   return "tfdata" if reason else "device"
 
 
-def _resize(image: jax.Array, size: int) -> jax.Array:
-  if image.shape[0] == size and image.shape[1] == size:
-    return image
-  return jax.image.resize(image, (size, size, image.shape[-1]), "bilinear", antialias=True)
-
-
-def _random_crop(image: jax.Array, size: int, key: jax.Array) -> jax.Array:
-  top, left = jax.random.randint(key, (2,), 0, jnp.array(image.shape[:2]) - size + 1)
-  return jax.lax.dynamic_slice(image, (top, left, 0), (size, size, image.shape[-1]))
-
-
-def _zoom_and_rotate(image: jax.Array, key: jax.Array, zoom: float, rotation: float):
-  """As `input_pipeline._zoom_and_rotate`."""
-  k_scale, k_angle = jax.random.split(key)
-  scale = jax.random.uniform(k_scale, (), minval=1.0 - zoom, maxval=1.0 + zoom)
-  angle = jax.random.uniform(k_angle, (), minval=-rotation, maxval=rotation) * 2 * jnp.pi
-  return affine_transform(image, scale, angle)
-
-
-def affine_transform(image: jax.Array, scale, angle) -> jax.Array:
-  """As `input_pipeline.affine_transform`: output pixel p reads input c + s R (p - c),
-  bilinear, reflecting at the borders."""
-  h, w = image.shape[:2]
-  y, x = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
-                      indexing="ij")
-  cy, cx = (h - 1) / 2, (w - 1) / 2
-  src_x = cx + scale * (jnp.cos(angle) * (x - cx) - jnp.sin(angle) * (y - cy))
-  src_y = cy + scale * (jnp.sin(angle) * (x - cx) + jnp.cos(angle) * (y - cy))
-  sample = functools.partial(jax.scipy.ndimage.map_coordinates, coordinates=[src_y, src_x],
-                             order=1, mode="reflect")
-  return jnp.stack([sample(image[..., c]) for c in range(image.shape[-1])], axis=-1)
-
-
-def augment(config, image: jax.Array, key: jax.Array) -> jax.Array:
-  """One uint8 image [h, w, c] -> float32 [size, size, c], as the tf.data path does."""
-  size, aug = config.image_size, config.augment
-  k_crop, k_flip, k_affine, k_contrast = jax.random.split(key, 4)
-  image = image.astype(jnp.float32)
-  if aug.crop == "resize":
-    image = _random_crop(_resize(image, aug.resize_size if aug.resize_size > 0 else size),
-                         size, k_crop)
-  else:
-    image = _resize(image, size)
-  if aug.crop == "pad":
-    pad = aug.crop_padding
-    image = _random_crop(jnp.pad(image, ((pad, pad), (pad, pad), (0, 0))), size, k_crop)
-  if aug.flip:
-    image = jnp.where(jax.random.bernoulli(k_flip), image[:, ::-1], image)
-  if aug.zoom or aug.rotation:
-    image = _zoom_and_rotate(image, k_affine, aug.zoom, aug.rotation)
-  if aug.contrast:
-    factor = jax.random.uniform(k_contrast, (), minval=1 - aug.contrast, maxval=1 + aug.contrast)
-    mean = image.mean(axis=(0, 1), keepdims=True)
-    image = (image - mean) * factor + mean
-  image = jnp.clip(image, 0.0, 255.0) / 255.0
-  mean, std = input_pipeline.normalisation(config.dataset)
-  return (image - jnp.asarray(mean)) / jnp.asarray(std)
-
-
 class DeviceDataset:
   """The train split on the devices; `batch(step)` is the global batch of that step.
 
@@ -138,7 +80,10 @@ class DeviceDataset:
   def __init__(self, config, mesh: Mesh, stacked: bool = False):
     split = tfds.split_for_jax_process(config.train_split)
     ds = input_pipeline._as_dataset(config, split, shuffle_files=False)
-    chunks = list(tfds.as_numpy(ds.map(lambda ex: (ex["image"], ex["label"])).batch(4096)))
+    # `fixed_size` without its one random op (the inception crop, which this path does not
+    # take): the same pixels as the tf.data path's.
+    chunks = list(tfds.as_numpy(ds.map(lambda ex: (input_pipeline.fixed_size(
+        config, ex["image"], tf.zeros((2,), tf.int64)), ex["label"])).batch(4096)))
     images = np.concatenate([c[0] for c in chunks])
     labels = np.concatenate([c[1] for c in chunks]).astype(np.int32)
     local = jax.local_device_count()
@@ -167,11 +112,7 @@ class DeviceDataset:
       orders = jnp.stack([jax.random.permutation(jax.random.fold_in(key, start_epoch + e), n)
                           for e in range(spans)])
       chosen = orders[epoch - start_epoch, index]
-      example_keys = jax.vmap(lambda p: jax.random.fold_in(jax.random.fold_in(key, 1), p))(
-          position)
-      batch = {"image": jax.vmap(functools.partial(augment, config))(images[chosen],
-                                                                    example_keys),
-               "label": labels[chosen]}
+      batch = {"image": images[chosen], "label": labels[chosen]}
       return jax.tree.map(lambda x: x[None], batch) if stacked else batch
 
     self._draw = jax.jit(jax.shard_map(draw, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P()),

@@ -65,6 +65,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
+from efficient_vit import scan_layout
 from efficient_vit.models import build_model
 
 FORMATS = ("stablehlo", "saved_model", "tflite", "onnx")
@@ -359,12 +360,15 @@ def export_model(model, variables, info: dict, fmt: str, out: str, *,
 
   `info` has the fields of a run's model.json that the export needs: image_size,
   num_classes, mean, std, model. Returns the metadata written to out/export.json.
+  A model with `scan`, `remat` or `cudnn` attention is exported as its plain equivalent
+  (`scan_layout.plain`: the same logits, portable to every platform and converter).
   """
   _check_choice("format", fmt, FORMATS)
   for platform in platforms:
     _check_choice("platforms", platform, PLATFORMS)
   _check_out(out)
   metadata = metadata or build_metadata(info, fmt, platforms=platforms)
+  model, variables = scan_layout.plain(model, variables)
   serve = serving_function(model, info["mean"], info["std"])
   size = int(info["image_size"])
   out = os.path.abspath(out)

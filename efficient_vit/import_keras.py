@@ -51,6 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficient_vit import scan_layout
+
 FAMILIES = ("vit", "eanet", "cct", "swin", "mobilevit", "perceiver")
 
 # The model fields that decide whether the project's model computes what the example's
@@ -482,7 +484,8 @@ def convert(family: str, model: nn.Module, weights: Mapping[str, Any], image_siz
     channels: input channels.
 
   Returns:
-    KerasImport(variables, normalization). Raises ValueError naming the Keras tensor (or the
+    KerasImport(variables, normalization); the variables are in the scanned layout when
+    `model.scan` (`scan_layout`). Raises ValueError naming the Keras tensor (or the
     project leaf) when a tensor is missing, left over or does not fit.
   """
   if family not in _CONVERTERS:
@@ -491,6 +494,7 @@ def convert(family: str, model: nn.Module, weights: Mapping[str, Any], image_siz
     if getattr(model, field) != value:
       raise ValueError(f"model.{field}={getattr(model, field)!r}; the Keras example's model "
                        f"computes {field}={value!r} (configs/{family}.py, preset keras)")
+  scanned, model = scan_layout.is_scanned(model), scan_layout.unscanned(model)
   images = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
   template = {k: v for k, v in template.items() if k in ("params", "batch_stats")}
@@ -498,4 +502,5 @@ def convert(family: str, model: nn.Module, weights: Mapping[str, Any], image_siz
   _CONVERTERS[family](converter, model, extra or {})
   result = converter.result()
   result.input_scale = _INPUT_SCALES.get(family, 1.0)
+  result.variables = scan_layout.to_layout(result.variables, scan=scanned)
   return result

@@ -54,6 +54,8 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from efficient_vit import scan_layout
+
 LAYOUTS = ("timm_vit", "big_vision_vit", "timm_swin", "timm_mobilevit", "cct_official")
 
 # The model class each layout loads into (models/__init__.py registry names).
@@ -591,6 +593,7 @@ def load_reference(path: str | os.PathLike, layout: str, model: Any, image_size:
   `image_size` is the checkpoint's resolution (it fixes the shapes of position tables);
   resizing them for another resolution is the caller's step. With `new_head`, the
   classifier comes from `model.init(rng, ...)` (a different class count) instead.
+  A model with `scan=True` gets its variables in the scanned layout (`scan_layout`).
   """
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}; allowed: {', '.join(LAYOUTS)}")
@@ -601,6 +604,7 @@ def load_reference(path: str | os.PathLike, layout: str, model: Any, image_size:
                      f"({expected.__name__}); got a {type(model).__name__}")
   if check_fields:
     check_reference_fields(layout, model)
+  scanned, model = scan_layout.is_scanned(model), scan_layout.unscanned(model)
   state = read_state_dict(path)
   images = jnp.zeros((1, image_size, image_size, in_channels), jnp.float32)
   rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -608,5 +612,7 @@ def load_reference(path: str | os.PathLike, layout: str, model: Any, image_size:
     variables = model.init(rng, images)
   else:
     variables = jax.eval_shape(model.init, rng, images)
-  return convert(state, layout, variables, new_head=new_head, source=os.fspath(path))
+  return scan_layout.to_layout(
+      convert(state, layout, variables, new_head=new_head, source=os.fspath(path)),
+      scan=scanned)
 

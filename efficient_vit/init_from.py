@@ -161,9 +161,18 @@ def _reference_variables(config, model, fresh: dict) -> tuple[dict, str]:
 
 def load(config, model, fresh: dict) -> tuple[dict, str]:
   """The variables to start from, fitted to `fresh` (the new model's own initial
-  variables), and a description of where they came from."""
+  variables), and a description of where they came from.
+
+  Fitting happens in the unscanned layout (one subtree per block), whatever `model.scan`
+  of this run or of the source run; the result comes back in this model's layout.
+  """
+  from efficient_vit import scan_layout
+
+  scanned, model = scan_layout.is_scanned(model), scan_layout.unscanned(model)
+  fresh = scan_layout.to_layout(fresh, scan=False)
   if config.init_from.layout == "project":
     source, name = _project_variables(config)
   else:
     source, name = _reference_variables(config, model, fresh)
-  return fit(source, fresh, name), name
+  source = scan_layout.to_layout(source, scan=False)
+  return scan_layout.to_layout(fit(source, fresh, name), scan=scanned), name

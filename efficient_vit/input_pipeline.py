@@ -1,17 +1,21 @@
 """TFDS + tf.data input pipelines for image classification.
 
 Train: the split is read in a fixed order, shuffled with a seeded buffer that reshuffles
-every epoch, repeated, augmented with stateless random ops keyed by (seed, example
-counter), batched per host and prefetched. Everything random is a function of the seed
-and the example's position in the stream, so `train_batches(config, start_step=s)`
-yields exactly the batches a run that never stopped would have seen from step s on.
+every epoch, repeated, decoded and brought to one size (`fixed_size`: resize, or the
+Inception-style random-resized crop keyed by (seed, example counter)), batched per host
+and prefetched. Every other augmentation runs in JAX inside the train step
+(efficient_vit/augment.py), the same code for this pipeline and the device-resident one.
+Everything random is a function of the seed and the example's position in the stream, so
+`train_batches(config, start_step=s)` yields exactly the batches a run that never stopped
+would have seen from step s on.
 
 Eval: the whole split exactly once. Each host reads its even share, batches are padded
 to full size and carry a `mask` (1 = real example), and every host yields the same number
 of batches, so collectives line up and no example is dropped or counted twice.
 
-Batches are dicts of numpy arrays: `image` float32 [batch, H, W, C] (normalised),
-`label` int32 [batch] and, for eval, `mask` float32 [batch].
+Batches are dicts of numpy arrays: `image` uint8 [batch, H, W, C] (normalised by the
+steps, `normalisation` gives the mean and std), `label` int32 [batch] and, for eval,
+`mask` float32 [batch].
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from efficient_vit import augment
+
 # TensorFlow only feeds the pipeline: keep it off any accelerator so it never takes
 # memory from JAX.
 tf.config.set_visible_devices([], "GPU")
@@ -38,7 +44,7 @@ _NORMALISATION = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 _IMAGENET_NORMALISATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-CROPS = ("none", "pad", "resize", "inception")
+CROPS = augment.CROPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,77 +133,50 @@ def normalisation(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
   return _NORMALISATION.get(dataset, _IMAGENET_NORMALISATION)
 
 
-def _normalise(config, image: tf.Tensor) -> tf.Tensor:
-  mean, std = normalisation(config.dataset)
-  image = tf.cast(image, tf.float32) / 255.0
-  return (image - tf.constant(mean)) / tf.constant(std)
+def input_size(config) -> int:
+  """The side of the uint8 images both pipelines deliver to the train step: the random crop
+  of `crop=resize` happens in the step (efficient_vit/augment.py), from this size."""
+  if config.augment.crop == "resize" and config.augment.resize_size > 0:
+    return config.augment.resize_size
+  return config.image_size
 
 
 def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  return tf.image.resize(image, (size, size), method="bilinear", antialias=True)
-
-
-def _zoom_and_rotate(image: tf.Tensor, seed: tf.Tensor, zoom: float, rotation: float):
-  """Random zoom by a factor in [1 - zoom, 1 + zoom] and rotation by up to rotation * 2 pi
-  (the Keras RandomZoom/RandomRotation factors)."""
-  scale = tf.random.stateless_uniform((), seed, 1.0 - zoom, 1.0 + zoom)
-  angle = tf.random.stateless_uniform((), seed + 1, -rotation, rotation) * 2.0 * math.pi
-  return affine_transform(image, scale, angle)
-
-
-def affine_transform(image: tf.Tensor, scale, angle) -> tf.Tensor:
-  """Output pixel p reads input pixel c + scale * R(angle) (p - c), c the centre:
-  bilinear, reflecting at the borders."""
-  h, w = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
-  cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
-  a0, a1 = scale * tf.cos(angle), -scale * tf.sin(angle)
-  b0, b1 = scale * tf.sin(angle), scale * tf.cos(angle)
-  transform = tf.stack([a0, a1, cx - a0 * cx - a1 * cy, b0, b1, cy - b0 * cx - b1 * cy, 0.0, 0.0])
-  return tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
-      fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")[0]
-
-
-def _augment(config, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """Train-time augmentation of one uint8 image [h, w, c] -> float32 [size, size, c]."""
-  size, aug = config.image_size, config.augment
+  """Float image [h, w, c] -> [size, size, c]; the image itself when it has that size."""
   image = tf.cast(image, tf.float32)
-  seeds = tf.random.experimental.stateless_split(seed, 5)
-  if aug.crop == "inception":
+  shape = tf.shape(image)
+  return tf.cond(tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size)),
+                 lambda: image,
+                 lambda: tf.image.resize(image, (size, size), method="bilinear",
+                                         antialias=True))
+
+
+def _to_uint8(image: tf.Tensor) -> tf.Tensor:
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def fixed_size(config, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """A train image brought to one size, uint8 [input_size, input_size, c]: the steps that
+  change the array size (resize, or the Inception-style random-resized crop, whose area is
+  drawn from `augment.crop_scale`). Every other op runs in the train step."""
+  if config.augment.crop == "inception":
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), tf.zeros((1, 0, 4)), seeds[0], area_range=(0.08, 1.0),
+        tf.shape(image), tf.zeros((1, 0, 4)), seed, area_range=tuple(config.augment.crop_scale),
         aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0.0,
         use_image_if_no_bounding_boxes=True)
-    image = _resize(tf.slice(image, begin, crop_size), size)
-  elif aug.crop == "resize":
-    image = _resize(image, aug.resize_size if aug.resize_size > 0 else size)
-    image = tf.image.stateless_random_crop(image, (size, size, image.shape[-1]), seeds[0])
-  else:
-    image = _resize(image, size)
-    if aug.crop == "pad":
-      pad = aug.crop_padding
-      image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-      image = tf.image.stateless_random_crop(image, (size, size, image.shape[-1]), seeds[0])
-  if aug.flip:
-    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-  if aug.zoom or aug.rotation:
-    image = _zoom_and_rotate(image, seeds[2], aug.zoom, aug.rotation)
-  if aug.contrast:
-    image = tf.image.stateless_random_contrast(image, 1.0 - aug.contrast, 1.0 + aug.contrast,
-                                               seeds[3])
-  return _normalise(config, tf.clip_by_value(image, 0.0, 255.0))
+    image = tf.slice(image, begin, crop_size)
+  return _to_uint8(_resize(image, input_size(config)))
 
 
 def _eval_preprocess(config, image: tf.Tensor) -> tf.Tensor:
-  """uint8 [h, w, c] -> float32 [size, size, c]: resize, or for `inception` crops the
-  usual resize to size / 0.875 and central crop."""
-  image = tf.cast(image, tf.float32)
-  size = config.image_size
-  if config.augment.crop == "inception":
-    image = _resize(image, int(round(size / 0.875)))
-    image = tf.image.central_crop(image, size / int(round(size / 0.875)))
-  image = _resize(image, size)
-  return _normalise(config, image)
+  """uint8 [h, w, c] -> uint8 [size, size, c]: resize, or for `inception` crops the usual
+  resize to size / eval_crop_fraction and central crop. Normalisation happens in the eval
+  step."""
+  size, fraction = config.image_size, config.augment.eval_crop_fraction
+  if config.augment.crop == "inception" and fraction < 1.0:
+    image = _resize(image, int(round(size / fraction)))
+    image = tf.image.central_crop(image, size / int(round(size / fraction)))
+  return _to_uint8(_resize(image, size))
 
 
 def _decoder(config):
@@ -213,8 +192,7 @@ def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]
   reads (without decoding) at most one epoch of records to reach its position, whatever
   the step, and sees exactly the batches an uninterrupted run would have seen.
   """
-  if config.augment.crop not in CROPS:
-    raise ValueError(f"config.augment.crop={config.augment.crop!r}; allowed: {', '.join(CROPS)}")
+  augment.validate(config)
   batch = per_host_batch_size(config.batch_size)
   split = tfds.split_for_jax_process(config.train_split)
   ds = _as_dataset(config, split, shuffle_files=False,
@@ -240,7 +218,7 @@ def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]
   def preprocess(index, example):
     image, label = decode(example)
     seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-    return {"image": _augment(config, image, seed), "label": tf.cast(label, tf.int32)}
+    return {"image": fixed_size(config, image, seed), "label": tf.cast(label, tf.int32)}
 
   stream = stream.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   stream = stream.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -284,7 +262,7 @@ class EvalSplit:
              for k, v in real.items()}
       produced += 1
     for _ in range(produced, self.num_batches):  # Hosts with fewer examples keep collectives
-      yield {"image": np.zeros((self.batch,) + self._image_shape, np.float32),  # aligned.
+      yield {"image": np.zeros((self.batch,) + self._image_shape, np.uint8),  # aligned.
              "label": np.zeros((self.batch,), np.int32),
              "mask": np.zeros((self.batch,), np.float32)}
 

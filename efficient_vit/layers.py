@@ -9,6 +9,10 @@ Attention weights are sown into the `intermediates` collection under the name
 `attention_weights` whenever that collection is mutable, so that
 `efficient_vit.attention_maps` can read them out of any model without the models
 knowing about it.
+
+Three fields change how the models are compiled and run, never what they compute (the
+same words in every family's config): `scan` (`Encoder`, `scan_blocks`), `remat`
+(`REMATS`, `remat_block`) and `attention_impl` (`ATTENTION_IMPLS`).
 """
 
 from __future__ import annotations
@@ -92,18 +96,101 @@ class DropPath(nn.Module):
   rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    if not train or self.rate == 0.0:
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               rate: float | jax.Array | None = None) -> jax.Array:
+    """`rate` (a float or a traced scalar, e.g. one block's rate under `nn.scan`)
+    overrides the field."""
+    rate = self.rate if rate is None else rate
+    if not train or (isinstance(rate, (int, float)) and rate == 0.0):
       return x
-    keep = 1.0 - self.rate
+    keep = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 def drop_path_rates(max_rate: float, depth: int) -> list[float]:
   """Stochastic-depth rate per block, rising linearly from 0 to `max_rate`."""
   return [float(r) for r in np.linspace(0.0, max_rate, depth)] if depth > 1 else [0.0] * depth
+
+
+# `model.attention_impl`: how `MultiHeadAttention` computes softmax(q k^T / sqrt(d) + bias) v.
+#   xla    jax.nn.dot_product_attention(implementation="xla"): the einsum/softmax program,
+#          every backend, every dtype. The default: it is what jax itself picks when told
+#          nothing, and what the fidelity tests compare with the reference code.
+#   cudnn  cuDNN's fused flash-attention kernel (NVIDIA GPUs; float16/bfloat16, head_dim a
+#          multiple of 8 up to 128); a ValueError at build time anywhere else.
+#   auto   cudnn where the backend is a GPU and the dtype and head_dim allow it, else xla
+#          (so on CPU, or in float32, exactly `xla`).
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+
+
+def check_attention_impl(value: str, field: str = "model.attention_impl") -> None:
+  """A ValueError naming `field` unless `value` is an implementation this machine has."""
+  if value not in ATTENTION_IMPLS:
+    raise ValueError(f"{field}={value!r}; allowed: {', '.join(ATTENTION_IMPLS)}")
+  if value == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"{field}='cudnn' needs an NVIDIA GPU, but JAX runs on "
+                     f"{jax.default_backend()!r} here; allowed on this machine: xla, auto")
+
+
+def attention_implementation(value: str, dtype: Dtype, head_dim: int) -> str:
+  """The `implementation` argument of `jax.nn.dot_product_attention` for `value`."""
+  check_attention_impl(value)
+  if value != "auto":
+    return value
+  fused = (jax.default_backend() == "gpu"
+           and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+           and head_dim % 8 == 0 and head_dim <= 128)
+  return "cudnn" if fused else "xla"
+
+
+# `model.remat`: what the backward pass recomputes instead of keeping from the forward.
+#   none   nothing: every block's activations stay in memory until the backward pass.
+#   block  each encoder block under `nn.remat`: only its input is kept, the rest is
+#          recomputed during the backward pass (about one more forward pass of compute).
+#   a jax.checkpoint_policies name: each block under `nn.remat` with that policy, e.g.
+#          dots_with_no_batch_dims_saveable keeps the matmuls against weights and
+#          recomputes the rest (attention logits, softmax, GELU, LayerNorm).
+REMAT_POLICIES = tuple(name for name in (
+    "nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+                       if hasattr(jax.checkpoint_policies, name))
+REMATS = ("none", "block") + REMAT_POLICIES
+
+
+def check_remat(value: str, field: str = "model.remat") -> None:
+  if value not in REMATS:
+    raise ValueError(f"{field}={value!r}; allowed: {', '.join(REMATS)}")
+
+
+def remat_block(fn: Callable[..., Any], remat: str, *, prevent_cse: bool = True) -> Callable:
+  """`fn(module, *args)` under `nn.remat` as `remat` (`REMATS`) says; `fn` itself for none.
+
+  `prevent_cse=False` inside `nn.scan`, which already keeps XLA from merging the
+  recomputation with the forward pass (jax.checkpoint's advice).
+  """
+  check_remat(remat)
+  if remat == "none":
+    return fn
+  policy = None if remat == "block" else getattr(jax.checkpoint_policies, remat)
+  return nn.remat(fn, policy=policy, prevent_cse=prevent_cse)
+
+
+def scan_blocks(fn: Callable[..., jax.Array], block: nn.Module, x: jax.Array,
+                rates: np.ndarray) -> jax.Array:
+  """`x = fn(block_i, x, rates[i])` for i < len(rates), as one `nn.scan` over `block`.
+
+  The blocks' parameters (and sown intermediates) get a leading [len(rates)] axis; each
+  block draws its own `params` and `dropout` keys. `rates` [n, ...] are the per-block
+  inputs (the stochastic-depth rates). One block is traced and compiled instead of n.
+  """
+  scanned = nn.scan(lambda module, carry, rate: (fn(module, carry, rate), None),
+                    variable_axes={"params": 0, "intermediates": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=0, length=len(rates))
+  x, _ = scanned(block, x, jnp.asarray(rates, jnp.float32))
+  return x
 
 
 def sow_attention(module: nn.Module, weights: jax.Array) -> None:
@@ -118,9 +205,11 @@ class MultiHeadAttention(nn.Module):
   (out_dim defaults to d_q). `head_dim` defaults to d_q // num_heads; the Keras examples
   set it to the model width (`key_dim`), which makes their attention wider than the model.
 
-  The computation goes through `jax.nn.dot_product_attention`, so a GPU gets the fused
-  kernel, except when attention dropout is active or the weights are being extracted:
-  both need the explicit softmax.
+  The computation goes through `jax.nn.dot_product_attention` with `attention_impl`
+  (`ATTENTION_IMPLS`: xla, cudnn, auto), so a GPU can get the fused kernel, except when
+  attention dropout is active or the weights are being extracted (the `intermediates`
+  collection is mutable): both need the explicit softmax, which is then used whatever
+  `attention_impl` says.
   `bias` broadcasts to [batch, heads, n, m]; `mask` (True = attend) likewise.
   `qkv_bias` puts biases on the query, key and value projections (timm's `qkv_bias`;
   the official CCT has none), `proj_bias` on the output projection.
@@ -139,6 +228,7 @@ class MultiHeadAttention(nn.Module):
   proj_bias: bool = True
   logit_scale: str = "rsqrt"
   output_projection: bool = True
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -146,6 +236,7 @@ class MultiHeadAttention(nn.Module):
                bias: jax.Array | None = None, mask: jax.Array | None = None,
                train: bool = False) -> jax.Array:
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+    check_attention_impl(self.attention_impl)
     head_dim = self.head_dim or inputs_q.shape[-1] // self.num_heads
     if self.head_dim is None and inputs_q.shape[-1] % self.num_heads:
       raise ValueError(f"model.num_heads={self.num_heads} must divide the width "
@@ -176,7 +267,8 @@ class MultiHeadAttention(nn.Module):
       out = jnp.einsum("bhnm,bmhd->bnhd", weights, v)
     else:
       out = jax.nn.dot_product_attention(
-          q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask)
+          q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
+          implementation=attention_implementation(self.attention_impl, q.dtype, head_dim))
     if not self.output_projection:
       if self.out_dim not in (None, self.num_heads * head_dim):
         raise ValueError(f"out_dim={self.out_dim} needs an output projection: without one the "
@@ -223,7 +315,9 @@ class EncoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               drop_path_rate: jax.Array | None = None) -> jax.Array:
+    """`drop_path_rate` (a traced scalar under `nn.scan`) overrides the field's rate."""
     if self.block_form not in BLOCK_FORMS:
       raise ValueError(f"model.block_form={self.block_form!r}; allowed: {', '.join(BLOCK_FORMS)}")
     norm = functools.partial(nn.LayerNorm, epsilon=self.norm_epsilon, dtype=self.dtype)
@@ -231,7 +325,7 @@ class EncoderBlock(nn.Module):
         self.attention_output_dropout_rate)
     y = self.attention(name="attention")(norm(name="attention_norm")(x), train=train)
     y = nn.Dropout(attention_rate)(y, deterministic=not train)
-    x = x + DropPath(self.drop_path_rate)(y, train=train)
+    x = x + DropPath(self.drop_path_rate)(y, train=train, rate=drop_path_rate)
     mlp_norm = norm(name="mlp_norm")
     if self.block_form == "cct":
       x = mlp_norm(x)
@@ -242,7 +336,7 @@ class EncoderBlock(nn.Module):
             activate_last=self.mlp_activate_last, dropout_rate=self.dropout_rate,
             hidden_dropout_rate=self.mlp_hidden_dropout_rate, dtype=self.dtype,
             name="mlp")(y, train=train)
-    return x + DropPath(self.drop_path_rate)(y, train=train)
+    return x + DropPath(self.drop_path_rate)(y, train=train, rate=drop_path_rate)
 
 
 class Encoder(EncoderBlock):
@@ -251,17 +345,35 @@ class Encoder(EncoderBlock):
 
   [batch, tokens, dim] -> [batch, tokens, dim] (not normalised at the end). The other
   fields are `EncoderBlock`'s, passed to every block.
+
+  `scan`: one `nn.scan` over the blocks instead of a Python loop, so that one block is
+  compiled instead of `depth`; the parameters are then `blocks/...` with a leading [depth]
+  axis instead of `block_0/...`, `block_1/...` (`efficient_vit.scan_layout` converts), and
+  each block's drop-path rate is a scanned input. `remat`: `REMATS` (none, block, or a
+  `jax.checkpoint_policies` name), applied to each block, with or without scan.
   """
 
   depth: int = dataclasses.field(kw_only=True)
+  scan: bool = dataclasses.field(default=False, kw_only=True)
+  remat: str = dataclasses.field(default="none", kw_only=True)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     block_fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(EncoderBlock)
                     if f.init and f.name not in ("parent", "name")}
-    for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
-      x = EncoderBlock(**{**block_fields, "drop_path_rate": rate},
-                       name=f"block_{i}")(x, train=train)
+    rates = drop_path_rates(self.drop_path_rate, self.depth)
+    if self.scan and self.depth:
+      varying = train and self.drop_path_rate > 0.0
+
+      def step(block, y, rate):
+        return block(y, train=train, drop_path_rate=rate if varying else None)
+
+      block = EncoderBlock(**{**block_fields, "drop_path_rate": 0.0}, name="blocks")
+      return scan_blocks(remat_block(step, self.remat, prevent_cse=False), block, x,
+                         np.asarray(rates))
+    step = remat_block(lambda block, y: block(y, train=train), self.remat)
+    for i, rate in enumerate(rates):
+      x = step(EncoderBlock(**{**block_fields, "drop_path_rate": rate}, name=f"block_{i}"), x)
     return x
 
 

@@ -39,14 +39,15 @@ class MetricLogger:
 
 def drop_after(workdir: str, step: int) -> int:
   """Removes the records of steps after `step` from `metrics.jsonl` (a run resumed from
-  the checkpoint of `step` writes them again); returns how many were removed. The file is
-  replaced atomically. TensorBoard keeps its copies: it shows the latest value per step."""
+  the checkpoint of `step` writes them again), and a last line that a killed run left
+  half-written; returns how many records were removed. The file is replaced atomically.
+  TensorBoard keeps its copies: it shows the latest value per step."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return 0
-  records = read_metrics(workdir)
+  records, partial = _read(path)
   kept = [r for r in records if r["step"] <= step]
-  if len(kept) < len(records):
+  if len(kept) < len(records) or partial:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(path + ".tmp", path)
@@ -54,6 +55,15 @@ def drop_after(workdir: str, step: int) -> int:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The records of `metrics.jsonl`, in the order they were written."""
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The records of `metrics.jsonl`, in the order they were written (without a last line
+  that a run killed while writing it left incomplete)."""
+  return _read(os.path.join(workdir, "metrics.jsonl"))[0]
+
+
+def _read(path: str) -> tuple[list[dict], bool]:
+  """(complete records, whether an incomplete last line follows them)."""
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  # Every record ends with a newline: what follows the last one is empty or was cut off.
+  records = [json.loads(line) for line in lines[:-1] if line.strip()]
+  return records, bool(lines[-1].strip())

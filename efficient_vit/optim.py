@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from efficient_vit import scan_layout
+
 OPTIMIZERS = ("adamw", "lamb", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -56,11 +58,27 @@ _NO_DECAY_NAMES = ("embedding", "token", "relative_position_bias_table")
 def _decay_mask(params):
   """Weight decay on weight matrices and kernels only: not on biases (q/k/v biases are
   [heads, head_dim] but biases all the same), norms, scalars or the tables named in
-  `_NO_DECAY_NAMES`."""
+  `_NO_DECAY_NAMES`. A scanned stack's leading [depth] axis (`model.scan`) is not counted."""
   def decays(path, p):
     names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
-    return p.ndim > 1 and "bias" not in names and not names & set(_NO_DECAY_NAMES)
+    ndim = p.ndim - scan_layout.stacked_axes(names)
+    return ndim > 1 and "bias" not in names and not names & set(_NO_DECAY_NAMES)
   return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def _scale_by_trust_ratio_per_block() -> optax.GradientTransformation:
+  """optax.scale_by_trust_ratio, with one ratio per block of a scanned stack (`model.scan`),
+  as the unscanned model has one per block's leaf."""
+  inner = optax.scale_by_trust_ratio()
+
+  def update(updates, state, params=None):
+    def leaf(path, u, p):
+      one = lambda uu, pp: inner.update(uu, state, pp)[0]  # noqa: E731
+      names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+      return jax.vmap(one)(u, p) if scan_layout.stacked_axes(names) else one(u, p)
+    return jax.tree_util.tree_map_with_path(leaf, updates, params), state
+
+  return optax.GradientTransformation(inner.init, update)
 
 
 def make_optimizer(opt, steps_per_epoch: int,
@@ -76,7 +94,7 @@ def make_optimizer(opt, steps_per_epoch: int,
     # otherwise grow only by a factor (1 + lr) per step.
     tx = optax.chain(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=1e-6),
                      optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask),
-                     optax.masked(optax.scale_by_trust_ratio(), _decay_mask),
+                     optax.masked(_scale_by_trust_ratio_per_block(), _decay_mask),
                      optax.scale_by_learning_rate(schedule))
   elif opt.name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask),

@@ -12,7 +12,10 @@ One batch, from `launch.py` to the loss:
 `train_step` and `eval_step` are pure functions written once. `build` assembles them with
 the model and optimizer, and the trainer, the benchmark and the tests all run what it
 returns. `DataParallel` runs the steps as `jax.jit(jax.shard_map(...))` over a 1-D device
-mesh; `PmapParallel` as `jax.pmap`, and the two give the same numbers.
+mesh; `PmapParallel` as `jax.pmap`, and the two give the same numbers; `FsdpParallel`
+(`parallelism: fsdp`) as `jax.jit` of the step written for the global batch, with the state
+sharded over the devices. Several processes (hosts) run the same code: see README,
+"Several devices and hosts".
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -37,16 +41,17 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from efficient_vit import (cost, device_input, init_from, input_pipeline, metric_logging,
-                           optim)
+from efficient_vit import (augment, cost, device_input, init_from, input_pipeline,
+                           metric_logging, optim)
 from efficient_vit.models import build_model
 
 AXIS = "data"
-PARALLELISMS = ("shard_map", "pmap")
+PARALLELISMS = ("shard_map", "pmap", "fsdp")
 INPUT_PIPELINES = ("auto", "device", "tfdata")
 NONFINITE = ("stop", "skip")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -97,9 +102,16 @@ def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               label_smoothing: float, ema_decay: float = 0.0, grad_accum_steps: int = 1,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+               augmentation: augment.Augmentation, ema_decay: float = 0.0,
+               grad_accum_steps: int = 1, skip_nonfinite: bool = False,
+               axis_name: str | None = AXIS) -> tuple[TrainState, dict]:
   """One optimizer step on this device's shard of the batch.
+
+  The batch's uint8 images are augmented and normalised first (`augment.apply_batch`: the
+  one augmentation path, whichever input pipeline delivered them), and its labels become
+  soft targets (label smoothing and any Mixup / CutMix folded in); the loss is the
+  cross-entropy against them, and top-1 is measured against their argmax (the label with
+  the larger weight when mixed).
 
   `rng` is the run's base key (raw key data); dropout and drop-path keys are folded from
   it per step, device and micro-batch. With `grad_accum_steps` k > 1 the shard is split
@@ -111,9 +123,18 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
   every gradient are finite; with `skip_nonfinite` a step where they are not leaves the
   parameters, optimizer state, batch statistics and EMA as they were (the step counter
   still advances, so the data does too).
+
+  With `axis_name=None` the same step is written for the whole global batch (`fsdp`: plain
+  `jit`, the compiler inserts the collectives): there is no per-device key and no explicit
+  mean, the mean over the batch being the mean gradient. Dropout masks then differ from the
+  per-device ones, and batch statistics are those of the global batch.
   """
-  key = jax.random.wrap_key_data(rng)
-  key = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(AXIS))
+  key = jax.random.fold_in(jax.random.wrap_key_data(rng), state.step)
+  if axis_name is not None:
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  images, targets = augment.apply_batch(augmentation, batch["image"], batch["label"], rng,
+                                        state.step, axis_name)
+  batch = {"image": images, "target": targets}
 
   def loss_fn(params, batch_stats, micro_batch, micro_key):
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
@@ -121,8 +142,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
                           rngs={"dropout": micro_key},
                           mutable=["batch_stats"] if batch_stats else False)
     logits, updates = outputs if batch_stats else (outputs, {})
-    loss = cross_entropy(logits, micro_batch["label"], label_smoothing).mean()
-    top1 = top_k_correct(logits, micro_batch["label"], 1).mean()
+    loss = optax.softmax_cross_entropy(logits, micro_batch["target"]).mean()
+    top1 = top_k_correct(logits, jnp.argmax(micro_batch["target"], -1), 1).mean()
     return loss, (top1, updates.get("batch_stats", {}))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -145,14 +166,14 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
         accumulate, (zeros, state.batch_stats, 0.0, 0.0),
         (jnp.arange(grad_accum_steps), micro_batches))
     grads, loss, top1 = jax.tree.map(lambda x: x / grad_accum_steps, (grads, loss, top1))
-  grads = jax.lax.pmean(grads, AXIS)
-  batch_stats = jax.lax.pmean(batch_stats, AXIS)
+  grads = _pmean(grads, axis_name)
+  batch_stats = _pmean(batch_stats, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params
   if ema_decay:
     ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
-  metrics = jax.lax.pmean({"loss": loss, "top1": top1}, AXIS)
+  metrics = _pmean({"loss": loss, "top1": top1}, axis_name)
   finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
   metrics["finite"] = finite.astype(jnp.float32)
   metrics["learning_rate"] = schedule(state.step)
@@ -165,20 +186,30 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
   return new_state, metrics
 
 
+def _pmean(tree, axis_name: str | None):
+  """The mean over the devices of `axis_name`; `tree` itself when the step sees the whole
+  global batch (axis_name=None)."""
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def eval_step(variables: dict, batch: dict, *, model) -> dict:
+def eval_step(variables: dict, batch: dict, *, model, normalisation: tuple,
+              axis_name: str | None = AXIS) -> dict:
   """Sums of loss, top-1 and top-5 hits and example count over the real (mask = 1)
-  examples of the whole global batch. `variables` as `model_variables` gives them."""
-  logits = model.apply(variables, batch["image"], train=False)
+  examples of the whole global batch. `variables` as `model_variables` gives them; the
+  uint8 images are normalised with `normalisation` = (mean, std), as `train_step` does;
+  `axis_name=None`: the step sees the global batch (see `train_step`)."""
+  logits = model.apply(variables, augment.normalise(batch["image"], *normalisation),
+                       train=False)
   mask = batch["mask"]
   sums = {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
           "top1": jnp.sum(top_k_correct(logits, batch["label"], 1) * mask),
           "top5": jnp.sum(top_k_correct(logits, batch["label"], 5) * mask),
           "count": jnp.sum(mask)}
-  return jax.lax.psum(sums, AXIS)
+  return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
 
 class DataParallel:
@@ -186,8 +217,10 @@ class DataParallel:
   hosts): `jax.jit(jax.shard_map(step))` over a 1-D mesh; the state is a replicated global
   array, the batch a global array sharded on axis 0.
 
-  `PmapParallel` below is the other way to run the same steps; everything in which the two
-  differ lives in these two classes.
+  `PmapParallel` and `FsdpParallel` below are the other ways to run the same steps;
+  everything in which they differ lives in these classes. Under several processes every
+  array that leaves a runner (`get_state`, checkpoints) is a global `jax.Array`, and the
+  host reads only the data addressable by its process (`first`).
   """
 
   kind = "shard_map"
@@ -195,9 +228,7 @@ class DataParallel:
   block_each_step = False
 
   def __init__(self, train_fn: Callable, eval_fn: Callable):
-    self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
-    self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
+    self._global_mesh()
     # check_vma=False: the steps do their own collectives, as under pmap. With the check
     # on, the gradient of the replicated parameters would arrive already summed over
     # devices and the explicit pmean would not be the mean.
@@ -207,37 +238,69 @@ class DataParallel:
         donate_argnums=0)
     self.eval_step = jax.jit(shard(eval_fn, in_specs=(P(), P(AXIS)), out_specs=P()))
 
+  def _global_mesh(self) -> None:
+    self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
+
+  def state_sharding(self, state):
+    """The sharding of each leaf of `state` (arrays or shapes) as `get_state` returns it
+    and checkpoints are restored into: replicated over every device of every process."""
+    return jax.tree.map(lambda _: self.replicated, state)
+
   def put_state(self, host_state):
-    """Copies a host state onto every device. The copy is taken from numpy so that no
-    device buffer is shared with `host_state` (the train step donates its input)."""
-    return jax.device_put(jax.tree.map(np.asarray, host_state), self.replicated)
+    """Places a state (from `init_state`, or restored) as the steps take it. Local values
+    are copied through numpy, so that no device buffer is shared with `host_state` (the
+    train step donates its input); global arrays of other processes' devices are resharded
+    (or kept, when already laid out as `state_sharding` says)."""
+    return jax.tree.map(_put, host_state, self.state_sharding(host_state))
 
   def get_state(self, state):
-    """One copy of the state, as it is saved in checkpoints."""
+    """The state as it is saved in checkpoints: global arrays laid out as
+    `state_sharding` says."""
     return state
 
   def put_batch(self, batch: dict) -> dict:
-    """Host batch [per_host_batch, ...] -> device batch split over the devices."""
+    """Host batch [per_host_batch, ...] -> device batch split over the devices: the global
+    batch is process 0's rows, then process 1's, ..."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in batch.items()}
 
   def first(self, tree):
-    """A host copy of replicated outputs (metrics)."""
-    return jax.device_get(tree)
+    """A host copy of replicated outputs (metrics), read from this process's devices."""
+    return jax.tree.map(_local_value, tree)
 
   def device_dataset(self, config) -> device_input.DeviceDataset:
     """The device-resident train split, its batches laid out as `train_step` takes them."""
     return device_input.DeviceDataset(config, self.mesh)
 
 
+def _local_value(x):
+  """numpy value of a replicated (or host) array from this process's first copy of it."""
+  if isinstance(x, jax.Array):
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def _put(x, sharding: NamedSharding):
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x
+    return jax.device_put(x, sharding)
+  return jax.device_put(np.asarray(x), sharding)
+
+
 class PmapParallel(DataParallel):
   """`jax.pmap(step, axis_name='data')` over the local devices: the state carries a leading
-  device axis, and a batch is [devices, batch / devices, ...]."""
+  device axis, and a batch is [devices, batch / devices, ...]. What it saves is converted
+  to the same global replicated arrays as `DataParallel`'s (no host-local arrays in
+  checkpoints), so that either runner, on any number of processes, restores it."""
 
   kind = "pmap"
 
-  # Not DataParallel's __init__: no global mesh, and pmapped rather than jitted steps.
+  # Not DataParallel's __init__: pmapped rather than jitted steps.
   def __init__(self, train_fn: Callable, eval_fn: Callable):  # pylint: disable=W0231
+    self._global_mesh()
     self.local_mesh = Mesh(np.asarray(jax.local_devices()), (AXIS,))
     self.train_step = jax.pmap(train_fn, axis_name=AXIS, in_axes=(0, 0, None),
                                donate_argnums=0)
@@ -248,10 +311,13 @@ class PmapParallel(DataParallel):
                             and jax.local_device_count() > 1)
 
   def put_state(self, host_state):
-    return flax.jax_utils.replicate(jax.tree.map(np.asarray, host_state))
+    return flax.jax_utils.replicate(jax.tree.map(_local_value, host_state))
 
   def get_state(self, state):
-    return jax.tree.map(lambda x: x[0], state)
+    def to_global(x):  # The local copies [1, ...] of each device become one global array.
+      copies = [s.data.reshape(x.shape[1:]) for s in x.addressable_shards]
+      return jax.make_array_from_single_device_arrays(x.shape[1:], self.replicated, copies)
+    return jax.tree.map(to_global, state)
 
   def put_batch(self, batch: dict) -> dict:
     n = jax.local_device_count()
@@ -260,18 +326,60 @@ class PmapParallel(DataParallel):
             for k, v in batch.items()}
 
   def first(self, tree):
-    return jax.tree.map(lambda x: x[0], jax.device_get(tree))
+    return jax.tree.map(lambda x: _local_value(x)[0] if isinstance(x, jax.Array)
+                        else np.asarray(x)[0], tree)
 
   def device_dataset(self, config) -> device_input.DeviceDataset:
     return device_input.DeviceDataset(config, self.local_mesh, stacked=True)
 
 
-def data_parallel(kind: str, train_fn: Callable, eval_fn: Callable) -> DataParallel:
-  """The runner of `config.parallelism`."""
-  runners = {"shard_map": DataParallel, "pmap": PmapParallel}
-  if kind not in runners:
+# Leaves with fewer elements are replicated under fsdp: biases, norms, scalars.
+FSDP_MIN_SIZE = 2**12
+
+
+def fsdp_spec(shape: tuple[int, ...], num_devices: int) -> P:
+  """Where `fsdp` shards a leaf of `shape`: on its largest axis that `num_devices` divides
+  (the first such axis on a tie); replicated when none does or the leaf is small."""
+  if num_devices == 1 or math.prod(shape) < FSDP_MIN_SIZE:
+    return P()
+  divisible = [a for a, d in enumerate(shape) if d % num_devices == 0]
+  if not divisible:
+    return P()
+  axis = max(divisible, key=lambda a: (shape[a], -a))
+  return P(*([None] * axis), AXIS)
+
+
+class FsdpParallel(DataParallel):
+  """`parallelism: fsdp`: parameters, optimizer state and EMA sharded over the `data` axis
+  (each leaf as `fsdp_spec` says), the batch too, and the steps written for the global
+  batch (`axis_name=None`) under plain `jax.jit`: the compiler gathers each parameter where
+  it is used and reduce-scatters its gradient. Each device holds 1/n of the state."""
+
+  kind = "fsdp"
+
+  def __init__(self, train_fn: Callable, eval_fn: Callable,  # pylint: disable=W0231
+               abstract_state: Callable[[], Any]):
+    self._global_mesh()
+    self._state_sharding = self.state_sharding(abstract_state())
+    self.train_step = jax.jit(functools.partial(train_fn, axis_name=None), donate_argnums=0,
+                              out_shardings=(self._state_sharding, self.replicated))
+    self.eval_step = jax.jit(functools.partial(eval_fn, axis_name=None),
+                             out_shardings=self.replicated)
+
+  def state_sharding(self, state):
+    n = self.mesh.size
+    return jax.tree.map(lambda x: NamedSharding(self.mesh, fsdp_spec(x.shape, n)), state)
+
+
+def data_parallel(kind: str, train_fn: Callable, eval_fn: Callable,
+                  abstract_state: Callable[[], Any] | None = None) -> DataParallel:
+  """The runner of `config.parallelism`; `fsdp` needs `abstract_state` (a function giving
+  the train state's shapes) to lay out the state."""
+  if kind not in PARALLELISMS:
     raise ValueError(f"config.parallelism={kind!r}; allowed: {', '.join(PARALLELISMS)}")
-  return runners[kind](train_fn, eval_fn)
+  if kind == "fsdp":
+    return FsdpParallel(train_fn, eval_fn, abstract_state)
+  return {"shard_map": DataParallel, "pmap": PmapParallel}[kind](train_fn, eval_fn)
 
 
 def prefetch(batches, put, size: int = 2):
@@ -303,7 +411,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   tracing it, in `build`), before anything is built or written."""
   choices = {"parallelism": PARALLELISMS, "input_pipeline": INPUT_PIPELINES,
              "dtype": tuple(DTYPES), "nonfinite": NONFINITE,
-             "augment.crop": input_pipeline.CROPS, "optimizer.name": optim.OPTIMIZERS,
+             "optimizer.name": optim.OPTIMIZERS,
              "optimizer.schedule": optim.SCHEDULES}
   for field, allowed in choices.items():
     value = _field(config, field)
@@ -321,6 +429,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.optimizer.ema_decay={config.optimizer.ema_decay}; allowed: "
                      "0 (no EMA) or a decay in (0, 1)")
   init_from.validate(config.init_from)
+  augment.validate(config)
   input_pipeline.per_host_batch_size(config.batch_size)
   devices = jax.device_count()
   accum = config.optimizer.grad_accum_steps
@@ -399,12 +508,21 @@ def build(config: ml_collections.ConfigDict,
   model = build_model(config.model, info.num_classes, DTYPES[config.dtype])
   tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch, total_steps)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  normalisation = input_pipeline.normalisation(config.dataset)
+  augmentation = augment.from_config(config, info.num_classes, steps_per_epoch,
+                                     *normalisation)
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                           label_smoothing=config.optimizer.label_smoothing,
+                           augmentation=augmentation,
                            ema_decay=config.optimizer.ema_decay,
                            grad_accum_steps=config.optimizer.grad_accum_steps,
                            skip_nonfinite=config.nonfinite == "skip")
-  parallel = data_parallel(config.parallelism, step, functools.partial(eval_step, model=model))
+  create = functools.partial(create_train_state, model, tx,
+                             (1, config.image_size, config.image_size, 3),
+                             ema=bool(config.optimizer.ema_decay))
+  parallel = data_parallel(config.parallelism, step,
+                           functools.partial(eval_step, model=model,
+                                             normalisation=normalisation),
+                           abstract_state=lambda: jax.eval_shape(create, init_rng))
   experiment = Experiment(config=config, info=info, model=model, tx=tx, schedule=schedule,
                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                           parallel=parallel, init_rng=init_rng,
@@ -457,16 +575,25 @@ def _input_pipeline_of_run(config, saved_config: dict | None) -> str:
 
 class _Preemption:
   """Turns SIGTERM (what TPU and cloud schedulers send before they stop a machine) into a
-  flag that the train loop reads after each step: it then saves and returns cleanly."""
+  flag that the train loop reads after each step (`stop_after`): it then saves and returns
+  cleanly. Under several processes JAX's own preemption service catches the signal on any
+  of them and agrees on one step at which every process stops (a save is collective)."""
 
   def __init__(self):
     self.requested = False
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if (jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
+
+  def stop_after(self, step: int) -> bool:
+    """Whether the run saves and stops after `step` (called after every step)."""
+    if jax.process_count() > 1:
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.requested = True
@@ -553,7 +680,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0
                 else experiment.steps_per_epoch)
   workdir = os.path.abspath(workdir)  # Orbax needs absolute paths.
-  checkpoint = {"state": experiment.abstract_state(), "rng": experiment.rng}
+  checkpoint = {"state": experiment.abstract_state(), "rng": _local_value(experiment.rng)}
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   latest = None
   if os.path.isdir(checkpoint_dir):
@@ -573,26 +700,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpoint_dir,
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=True))
-  if jax.process_index() == 0:
+  main_process = jax.process_index() == 0
+  if main_process:  # What a SIGKILL left half-written (never a checkpoint: Orbax skips it).
+    for name in os.listdir(checkpoint_dir):
+      if ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(os.path.join(checkpoint_dir, name), ignore_errors=True)
     _write_run_files(config, workdir, experiment.info)
   if latest is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpoint)
+    # Restored straight into this run's layout, whatever the device count, process count
+    # or parallelism of the run that wrote it.
+    shardings = {"state": parallel.state_sharding(checkpoint["state"]),
+                 "rng": parallel.replicated}
+    abstract = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=sharding), checkpoint, shardings)
     checkpoint = manager.restore(latest, args=ocp.args.Composite(
         train=ocp.args.StandardRestore(abstract)))["train"]
     logging.info("Resumed from step %d of %s.", latest, workdir)
-    print(f"resumed from step {latest}", flush=True)
-    if jax.process_index() == 0:  # Steps after the checkpoint are logged again below.
-      metric_logging.drop_after(workdir, latest)
+    if main_process:
+      print(f"resumed from step {latest}", flush=True)
+  if main_process:  # Steps after the checkpoint (all, for a new run) are logged again below.
+    metric_logging.drop_after(workdir, 0 if latest is None else latest)
   state = parallel.put_state(checkpoint["state"])
-  rng = checkpoint["rng"]
-  start_step = int(checkpoint["state"].step)
+  rng = _local_value(checkpoint["rng"])
+  # What checkpoints hold: a global array, never a host-local one.
+  saved_rng = jax.device_put(rng, parallel.replicated)
+  start_step = int(_local_value(checkpoint["state"].step))
   num_params = cost.count_params(checkpoint["state"].params)
   del checkpoint
   devices = jax.devices()
-  print(f"model {config.model.name}: {num_params:,} parameters; {len(devices)} "
-        f"{devices[0].platform} devices ({devices[0].device_kind}) in {jax.process_count()} "
-        f"process(es), parallelism {parallel.kind}, input pipeline {config.input_pipeline}",
-        flush=True)
+  print_main = print if main_process else lambda *args, **kwargs: None
+  print_main(f"model {config.model.name}: {num_params:,} parameters; {len(devices)} "
+             f"{devices[0].platform} devices ({devices[0].device_kind}) in "
+             f"{jax.process_count()} process(es), parallelism {parallel.kind}, input pipeline "
+             f"{config.input_pipeline}", flush=True)
 
   logger = metric_logging.MetricLogger(workdir)
   batches = batch_source(config, parallel, start_step)
@@ -619,7 +759,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def save(step: int) -> None:
     interval.check_all()  # Never a checkpoint with a non-finite value in it.
     manager.save(step, args=ocp.args.Composite(train=ocp.args.StandardSave(
-        {"state": parallel.get_state(state), "rng": rng})))
+        {"state": parallel.get_state(state), "rng": saved_rng})))
 
   progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=1.0)
@@ -651,10 +791,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           progress.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} "
                          f"top1 {eval_metrics['top1']:.4f} top5 {eval_metrics['top5']:.4f}")
           timer_step, timer_start = done, time.perf_counter()
-        if (done % config.checkpoint_every_steps == 0 or done == total_steps
-            or preemption.requested):
+        stop = preemption.stop_after(done)  # Every step: under several processes, a vote.
+        if done % config.checkpoint_every_steps == 0 or done == total_steps or stop:
           save(done)
-        if preemption.requested and done < total_steps:
+        if stop and done < total_steps:
           progress.write(f"SIGTERM: saved step {done} of {total_steps} and stopped; the same "
                          "command resumes the run")
           break

@@ -20,3 +20,22 @@ def tiny_vit_config():
                 num_train_steps=6, eval_every_steps=1000, shuffle_buffer=64)
   config.optimizer.update(warmup_steps=0, schedule="constant", learning_rate=1e-3)
   return config
+
+
+@pytest.fixture
+def run_steps():
+  """The trainer's own assembly run on host batches: `run(config, info, batches)` gives the
+  state after them (global arrays, as checkpoints hold it) and each step's loss."""
+  from efficient_vit import train
+
+  def run(config, info, batches):
+    experiment = train.build(config, info)
+    parallel = experiment.parallel
+    state = parallel.put_state(experiment.init_state())
+    losses = []
+    for batch in batches:
+      state, metrics = parallel.train_step(state, parallel.put_batch(batch), experiment.rng)
+      losses.append(float(parallel.first(metrics)["loss"]))
+    return parallel.get_state(state), losses
+
+  return run

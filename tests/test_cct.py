@@ -283,6 +283,18 @@ def test_paper_presets_carry_the_official_recipe(preset):
   got = {k: config[k] if k in ("batch_size", "num_epochs") else config.optimizer[k]
          for k in expected}
   assert got == expected, (preset, got)
+  # The same ymls' augmentation keys (`aa: rand-m9-mstd0.5-inc1`, `mixup`, `cutmix`,
+  # `mixup_switch_prob`, `mixup_off_epoch`, `reprob`, `scale`, `crop_pct`).
+  cifar = config.dataset == "cifar10"
+  expected_augment = dict(
+      crop="inception", crop_scale=(0.8, 1.0) if cifar else (0.08, 1.0),
+      eval_crop_fraction=1.0 if cifar else 0.9, randaugment_num_ops=2,
+      randaugment_magnitude=9.0, randaugment_magnitude_std=0.5, mixup_alpha=0.8,
+      cutmix_alpha=1.0, mix_prob=1.0, mix_switch_prob=0.5,
+      mix_stop_epoch=175.0 if cifar else -1.0,
+      random_erasing_prob=0.0 if preset == "cct_7_3x1" else 0.25)
+  got = {k: config.augment[k] for k in expected_augment}
+  assert got == expected_augment, (preset, got)
 
 
 def test_cifar_recipe_schedule_follows_timm_warmup_min_lr_and_cooldown():

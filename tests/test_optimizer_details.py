@@ -32,43 +32,32 @@ def test_warmup_start_floor_and_cooldown():
     optim.learning_rate_schedule(opt, steps_per_epoch=10, total_steps=130)
 
 
-def _run(config, batches, steps=None):
-  """The parameters and losses after the trainer's own steps on `batches`."""
-  experiment = train.build(config, INFO)
-  parallel = experiment.parallel
-  state = parallel.put_state(experiment.init_state())
-  losses = []
-  for batch in batches:
-    state, metrics = parallel.train_step(state, parallel.put_batch(batch), experiment.rng)
-    losses.append(float(parallel.first(metrics)["loss"]))
-  return jax.device_get(parallel.get_state(state)), losses
-
-
 def _batches(n, size, seed=0):
   rng = np.random.default_rng(seed)
   return [{"image": rng.normal(size=(size, 32, 32, 3)).astype(np.float32),
            "label": rng.integers(0, 10, size).astype(np.int32)} for _ in range(n)]
 
 
-def test_accumulated_micro_batches_give_the_update_of_one_large_batch(tiny_vit_config):
+def test_accumulated_micro_batches_give_the_update_of_one_large_batch(tiny_vit_config, run_steps):
   # Adam over 2 steps: the second update depends on the first's moments too.
   tiny_vit_config.update(batch_size=16)
   batches = _batches(2, 16)
-  whole, whole_losses = _run(tiny_vit_config, batches)
+  whole, whole_losses = run_steps(tiny_vit_config, INFO, batches)
   tiny_vit_config.optimizer.grad_accum_steps = 4  # 4 micro-batches of 2 per device.
-  accumulated, accumulated_losses = _run(tiny_vit_config, batches)
+  accumulated, accumulated_losses = run_steps(tiny_vit_config, INFO, batches)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
                accumulated.params, whole.params)
   np.testing.assert_allclose(accumulated_losses, whole_losses, rtol=1e-5)
   assert not np.allclose(whole.params["head"]["kernel"], 0)  # The steps did move things.
 
 
-def test_bfloat16_activations_keep_float32_parameters_and_track_float32(tiny_vit_config):
+def test_bfloat16_activations_keep_float32_parameters_and_track_float32(tiny_vit_config,
+                                                                       run_steps):
   tiny_vit_config.optimizer.learning_rate = 3e-3
   batches = _batches(1, 8) * 20  # 20 steps on one batch: the loss falls.
-  f32, f32_losses = _run(tiny_vit_config, batches)
+  f32, f32_losses = run_steps(tiny_vit_config, INFO, batches)
   tiny_vit_config.dtype = "bfloat16"
-  bf16, bf16_losses = _run(tiny_vit_config, batches)
+  bf16, bf16_losses = run_steps(tiny_vit_config, INFO, batches)
   for leaf in jax.tree.leaves((bf16.params, bf16.opt_state)):
     if jnp.issubdtype(leaf.dtype, jnp.floating):
       assert leaf.dtype == jnp.float32

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from efficient_vit import input_pipeline, optim, train
+from efficient_vit import augment, input_pipeline, optim, train
 from efficient_vit.metric_logging import read_metrics
 from efficient_vit.models import build_model
 
@@ -30,7 +30,7 @@ def _steps(config, kind):
 
 def _fixed_batch(n=8, seed=0):
   rng = np.random.default_rng(seed)
-  return {"image": rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
+  return {"image": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
           "label": rng.integers(0, 10, n).astype(np.int32)}
 
 
@@ -40,6 +40,7 @@ def test_two_fake_devices_are_present():
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny_vit_config):
   tiny_vit_config.optimizer.learning_rate = 3e-3
+  tiny_vit_config.augment.update(crop="none", flip=False)  # The same pixels every step.
   parallel, state = _steps(tiny_vit_config, "shard_map")
   state = parallel.put_state(state)
   batch = parallel.put_batch(_fixed_batch())
@@ -82,6 +83,7 @@ def test_gradients_are_averaged_over_devices(tiny_vit_config):
   """A 2-device step equals a 1-device step on the whole batch (no dropout). SGD, so that a
   wrong gradient scale (a sum instead of a mean) shows."""
   tiny_vit_config.optimizer.update(name="sgd", learning_rate=0.1, label_smoothing=0.1)
+  tiny_vit_config.augment.update(crop="none", flip=False)  # The step only normalises.
   parallel, state = _steps(tiny_vit_config, "shard_map")
   batch = _fixed_batch()
   new_state, _ = parallel.train_step(parallel.put_state(state), parallel.put_batch(batch),
@@ -90,7 +92,8 @@ def test_gradients_are_averaged_over_devices(tiny_vit_config):
   tx, _ = optim.make_optimizer(tiny_vit_config.optimizer, 10, 100)
 
   def loss_fn(params):
-    logits = model.apply({"params": params}, batch["image"])
+    images = augment.normalise(batch["image"], *input_pipeline.normalisation("cifar10"))
+    logits = model.apply({"params": params}, images)
     return train.cross_entropy(logits, batch["label"], 0.1).mean()
 
   grads = jax.grad(loss_fn)(state.params)
@@ -100,9 +103,14 @@ def test_gradients_are_averaged_over_devices(tiny_vit_config):
                jax.device_get(new_state.params), expected)
 
 
-@pytest.mark.parametrize("pipeline", ["device", "tfdata"])
-def test_six_steps_equal_three_plus_restart_plus_three(tiny_vit_config, tmp_path, pipeline):
+@pytest.mark.parametrize("pipeline,full_recipe", [("device", True), ("tfdata", False)])
+def test_six_steps_equal_three_plus_restart_plus_three(tiny_vit_config, tmp_path, pipeline,
+                                                       full_recipe):
   tiny_vit_config.input_pipeline = pipeline
+  if full_recipe:  # The augmented batches of the resumed steps are those of the straight run.
+    tiny_vit_config.augment.update(randaugment_num_ops=2, randaugment_magnitude=9.0,
+                                   randaugment_magnitude_std=0.5, mixup_alpha=0.8,
+                                   cutmix_alpha=1.0, random_erasing_prob=0.25)
   with tfds.testing.mock_data(num_examples=40):
     straight = tiny_vit_config.copy_and_resolve_references()
     train.train_and_evaluate(straight, tmp_path / "straight")
@@ -160,6 +168,7 @@ def test_training_eval_reports_the_split_size(tiny_vit_config, tmp_path):
 
 
 def test_train_batches_resume_at_the_same_position(tiny_vit_config):
+  tiny_vit_config.augment.crop = "inception"  # The host's one random op.
   with tfds.testing.mock_data(num_examples=20):
     stream = input_pipeline.train_batches(tiny_vit_config)
     first_seven = [next(stream) for _ in range(7)]  # Crosses two epochs of 20 examples.
@@ -169,18 +178,26 @@ def test_train_batches_resume_at_the_same_position(tiny_vit_config):
       np.testing.assert_array_equal(got["label"], expected["label"])
       np.testing.assert_allclose(got["image"], expected["image"])
   assert first_seven[0]["image"].shape == (8, 32, 32, 3)
-  # Augmentation differs between the two epochs' passes over the same examples.
+  assert first_seven[0]["image"].dtype == np.uint8
+  # The random crops differ between the two epochs' passes over the same examples.
   assert not np.allclose(first_seven[0]["image"], first_seven[3]["image"])
 
 
 def test_augmentations_keep_shapes_and_ranges(tiny_vit_config):
+  """The host brings images to one uint8 size; the step's augmentation crops, warps and
+  normalises them."""
   tiny_vit_config.augment.update(crop="resize", resize_size=40, zoom=0.2, rotation=0.1,
                                  contrast=0.1)
   tiny_vit_config.image_size = 24
   with tfds.testing.mock_data(num_examples=8):
     batch = next(input_pipeline.train_batches(tiny_vit_config))
-  assert batch["image"].shape == (8, 24, 24, 3)
-  assert np.isfinite(batch["image"]).all() and np.abs(batch["image"]).max() < 5
+  assert batch["image"].shape == (8, 40, 40, 3) and batch["image"].dtype == np.uint8
+  aug = augment.from_config(tiny_vit_config, 10, 1, *input_pipeline.normalisation("cifar10"))
+  images, targets = jax.jit(functools.partial(augment.apply_batch, aug))(
+      batch["image"], batch["label"], jax.random.key_data(jax.random.key(0)), 0)
+  assert images.shape == (8, 24, 24, 3) and images.dtype == jnp.float32
+  assert np.isfinite(images).all() and np.abs(images).max() < 5
+  np.testing.assert_allclose(np.asarray(targets).sum(-1), 1.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -7,8 +7,10 @@ One vocabulary across the families (timm's where it has a word for the idea): `e
 is the token width (`embed_dims` per stage in MobileViT); `num_heads`, `head_dim`, `depth`;
 `mlp_dim` the MLP's hidden width (big_vision's word; Swin keeps the paper's `mlp_ratio`);
 `mlp_activation`, `norm_epsilon` (LayerNorm), `qkv_bias`, `proj_bias`, `block_form`,
-`dropout_rate`, `attention_dropout_rate`, `drop_path_rate`. The Perceiver keeps the
-paper's `latent_dim` and `input_embedding_dim`: two arrays of different widths.
+`dropout_rate`, `attention_dropout_rate`, `drop_path_rate`; `scan`, `remat` and
+`attention_impl` (how the blocks are compiled and attention is computed, never what:
+`efficient_vit.layers`). The Perceiver keeps the paper's `latent_dim` and
+`input_embedding_dim`: two arrays of different widths.
 """
 
 from __future__ import annotations

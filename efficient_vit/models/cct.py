@@ -172,6 +172,12 @@ class CCT(nn.Module):
     dropout_rate: dropout on the attention output and in the MLPs.
     attention_dropout_rate: dropout on the attention weights.
     drop_path_rate: stochastic depth of the last block; it rises linearly from 0.
+    scan: `nn.scan` over the encoder blocks (one block compiled instead of each; parameters
+      stacked on a leading [depth] axis, `efficient_vit.scan_layout` converts).
+    remat: recompute each block's activations in the backward pass: `none`, `block`, or a
+      `jax.checkpoint_policies` name (`layers.REMATS`).
+    attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`), the
+      `implementation` of `jax.nn.dot_product_attention`.
   """
 
   num_classes: int
@@ -201,6 +207,9 @@ class CCT(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.1
   drop_path_rate: float = 0.1
+  scan: bool = False
+  remat: str = "none"
+  attention_impl: str = "xla"
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -235,13 +244,13 @@ class CCT(nn.Module):
                                   head_dim=self.head_dim, qkv_bias=self.qkv_bias,
                                   proj_bias=True,
                                   attention_dropout_rate=self.attention_dropout_rate,
-                                  dtype=self.dtype)
+                                  attention_impl=self.attention_impl, dtype=self.dtype)
     x = layers.Encoder(self.mlp_dim, attention, depth=self.depth,
                        mlp_activation=self.mlp_activation,
                        mlp_activate_last=self.mlp_activate_last, block_form=self.block_form,
                        dropout_rate=self.dropout_rate, drop_path_rate=self.drop_path_rate,
-                       norm_epsilon=self.norm_epsilon, dtype=self.dtype,
-                       name="encoder")(x, train=train)
+                       norm_epsilon=self.norm_epsilon, scan=self.scan, remat=self.remat,
+                       dtype=self.dtype, name="encoder")(x, train=train)
     x = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype, name="encoder_norm")(x)
     if self.pooling == "seq":
       x = layers.SequencePooling(dtype=self.dtype, name="sequence_pooling")(x)

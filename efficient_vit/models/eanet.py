@@ -174,6 +174,13 @@ class EANet(nn.Module):
     mlp_activation: activation of the blocks' MLPs (`layers.ACTIVATIONS`; Keras' "gelu"
       is the exact `gelu`).
     norm_epsilon: epsilon of the blocks' LayerNorms (Keras' 1e-5).
+    scan: `nn.scan` over the encoder blocks (one block compiled instead of each; parameters
+      stacked on a leading [depth] axis, `efficient_vit.scan_layout` converts).
+    remat: recompute each block's activations in the backward pass: `none`, `block`, or a
+      `jax.checkpoint_policies` name (`layers.REMATS`).
+    attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`), the
+      `implementation` of `jax.nn.dot_product_attention` (attention="self" only; external
+      attention has no softmax over keys to fuse).
   """
 
   num_classes: int
@@ -191,12 +198,16 @@ class EANet(nn.Module):
   drop_path_rate: float = 0.0
   mlp_activation: str = "gelu_tanh"
   norm_epsilon: float = 1e-5
+  scan: bool = False
+  remat: str = "none"
+  attention_impl: str = "xla"
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     if self.attention not in ATTENTIONS:
       raise ValueError(f"model.attention={self.attention!r}; allowed: {', '.join(ATTENTIONS)}")
+    layers.check_attention_impl(self.attention_impl)  # checked even where unused
     if self.embed_dim % self.num_heads:
       raise ValueError(f"model.num_heads={self.num_heads} must divide "
                        f"model.embed_dim={self.embed_dim}.")
@@ -214,10 +225,10 @@ class EANet(nn.Module):
       attention = functools.partial(layers.MultiHeadAttention, num_heads=self.num_heads,
                                     head_dim=self.head_dim,
                                     attention_dropout_rate=self.attention_dropout_rate,
-                                    dtype=self.dtype)
+                                    attention_impl=self.attention_impl, dtype=self.dtype)
     x = layers.Encoder(self.mlp_dim, attention, depth=self.depth,
                        mlp_activation=self.mlp_activation,
                        dropout_rate=self.dropout_rate, drop_path_rate=self.drop_path_rate,
-                       norm_epsilon=self.norm_epsilon, dtype=self.dtype,
-                       name="encoder")(x, train=train)
+                       norm_epsilon=self.norm_epsilon, scan=self.scan, remat=self.remat,
+                       dtype=self.dtype, name="encoder")(x, train=train)
     return layers.classifier(x.mean(axis=1), self.num_classes, self.dtype)

@@ -44,6 +44,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from efficient_vit import layers
 
@@ -233,6 +234,9 @@ class MobileViTBlock(nn.Module):
   batch_norm_epsilon: float = 1e-5
   norm_epsilon: float = 1e-5
   mlp_activation: str = "silu"
+  scan: bool = False
+  remat: str = "none"
+  attention_impl: str = "xla"
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -267,15 +271,22 @@ class MobileViTBlock(nn.Module):
     attention = functools.partial(layers.MultiHeadAttention, num_heads=self.num_heads,
                                   head_dim=self.dim if keras else self.dim // self.num_heads,
                                   attention_dropout_rate=self.attention_dropout_rate,
-                                  dtype=self.dtype)
-    for i in range(self.depth):
-      tokens = layers.EncoderBlock(
-          self.mlp_dim, attention, mlp_activation=self.mlp_activation, mlp_activate_last=keras,
-          dropout_rate=self.dropout_rate,
-          attention_output_dropout_rate=0.0 if keras else None,
-          mlp_hidden_dropout_rate=None if keras else 0.0,
-          norm_epsilon=self.norm_epsilon, dtype=self.dtype,
-          name=f"transformer_{i}")(tokens, train=train)
+                                  attention_impl=self.attention_impl, dtype=self.dtype)
+    block = functools.partial(
+        layers.EncoderBlock, self.mlp_dim, attention, mlp_activation=self.mlp_activation,
+        mlp_activate_last=keras, dropout_rate=self.dropout_rate,
+        attention_output_dropout_rate=0.0 if keras else None,
+        mlp_hidden_dropout_rate=None if keras else 0.0,
+        norm_epsilon=self.norm_epsilon, dtype=self.dtype)
+    if self.scan and self.depth:  # no stochastic depth here: every block the same
+      step = layers.remat_block(lambda module, y, _: module(y, train=train), self.remat,
+                                prevent_cse=False)
+      tokens = layers.scan_blocks(step, block(name="transformers"), tokens,
+                                  np.zeros(self.depth))
+    else:
+      step = layers.remat_block(lambda module, y: module(y, train=train), self.remat)
+      for i in range(self.depth):
+        tokens = step(block(name=f"transformer_{i}"), tokens)
     if not keras:
       tokens = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
                             name="transformer_norm")(tokens)
@@ -318,6 +329,13 @@ class MobileViT(nn.Module):
     conv_padding: zero padding of the 3x3 convolutions (`conv_pads`): `symmetric` (k // 2 on
       each side, ml-cvnets) or `same` (TensorFlow's "same", the Keras example: a stride-2
       conv on an even map pads only after, so its outputs sit half a pixel elsewhere).
+    scan: `nn.scan` over each MobileViT stage's transformer blocks (one block compiled per
+      stage; parameters `transformers/...` with a leading [depth] axis instead of
+      `transformer_0/...`, `efficient_vit.scan_layout` converts).
+    remat: recompute each transformer block's activations in the backward pass: `none`,
+      `block`, or a `jax.checkpoint_policies` name (`layers.REMATS`).
+    attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`), the
+      `implementation` of `jax.nn.dot_product_attention`.
   """
 
   num_classes: int
@@ -339,6 +357,9 @@ class MobileViT(nn.Module):
   head_dropout_rate: float = 0.1
   mlp_activation: str = "silu"
   conv_padding: str = "symmetric"
+  scan: bool = False
+  remat: str = "none"
+  attention_impl: str = "xla"
   dtype: layers.Dtype = jnp.float32
 
   def _check(self) -> None:
@@ -396,8 +417,10 @@ class MobileViT(nn.Module):
                          dropout_rate=self.dropout_rate,
                          attention_dropout_rate=self.attention_dropout_rate,
                          norm_epsilon=norm_epsilon,
-                         mlp_activation=self.mlp_activation, dtype=self.dtype,
-                         name=f"stage_{stage + 1}_mobilevit", **norm)(x, train=train)
+                         mlp_activation=self.mlp_activation, scan=self.scan,
+                         remat=self.remat, attention_impl=self.attention_impl,
+                         dtype=self.dtype, name=f"stage_{stage + 1}_mobilevit",
+                         **norm)(x, train=train)
       stage += 1
     x = ConvBlock(self.last_channels, kernel_size=1, use_bias=keras, use_norm=not keras,
                   dtype=self.dtype, name="last_conv", **norm)(x, train=train)

@@ -79,7 +79,8 @@ class LatentCrossAttention(nn.Module):
     q = LN(latents); z = q + attention(q, LN(inputs)); z = LN(z); z = z + mlp(z)
   That example's attention also has no output Dense (`output_projection=False`; width must
   then be D) and multiplies q.k by one learned scalar instead of 1 / sqrt(width)
-  (`logit_scale="learned"`, Keras' `Attention(use_scale=True)`).
+  (`logit_scale="learned"`, Keras' `Attention(use_scale=True)`). `attention_impl`: as in
+  `layers.MultiHeadAttention`.
   """
 
   num_heads: int = 1
@@ -92,6 +93,7 @@ class LatentCrossAttention(nn.Module):
   logit_scale: str = "rsqrt"
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  attention_impl: str = "xla"
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -115,8 +117,9 @@ class LatentCrossAttention(nn.Module):
         self.num_heads, head_dim=width // self.num_heads,
         out_dim=latent_dim if self.output_projection else None,
         attention_dropout_rate=self.attention_dropout_rate, logit_scale=self.logit_scale,
-        output_projection=self.output_projection, dtype=self.dtype,
-        name="attention")(queries, norm(name="input_norm")(inputs), train=train)
+        output_projection=self.output_projection, attention_impl=self.attention_impl,
+        dtype=self.dtype, name="attention")(queries, norm(name="input_norm")(inputs),
+                                            train=train)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     if self.form == "normalized_stream":  # the stream itself is replaced by its norms
       z = norm(name="mlp_norm")(queries + y)
@@ -175,6 +178,14 @@ class Perceiver(nn.Module):
     cross_attention_scale: `rsqrt` (q.k / sqrt(width), official) or `learned` (one learned
       scalar, the Keras example's `Attention(use_scale=True)`).
     dropout_rate, attention_dropout_rate, head_dropout_rate: regularisers.
+    scan: `nn.scan` over the self-attention blocks of each latent Transformer (one block
+      compiled instead of each, however often the Transformer is reused; parameters
+      stacked on a leading [depth] axis, `efficient_vit.scan_layout` converts).
+    remat: recompute each block's activations in the backward pass: `none`, `block`, or a
+      `jax.checkpoint_policies` name (`layers.REMATS`).
+    attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`), the
+      `implementation` of `jax.nn.dot_product_attention`, for the latent self-attention
+      and the cross-attention alike.
   """
 
   num_classes: int
@@ -203,6 +214,9 @@ class Perceiver(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   head_dropout_rate: float = 0.0
+  scan: bool = False
+  remat: str = "none"
+  attention_impl: str = "xla"
   dtype: layers.Dtype = jnp.float32
 
   def _check_fields(self) -> None:
@@ -271,7 +285,8 @@ class Perceiver(nn.Module):
 
     self_attention = functools.partial(
         layers.MultiHeadAttention, num_heads=self.latent_heads, head_dim=self.latent_head_dim,
-        attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype)
+        attention_dropout_rate=self.attention_dropout_rate,
+        attention_impl=self.attention_impl, dtype=self.dtype)
     cross_attends: dict[int, nn.Module] = {}
     latent_transformers: dict[int, nn.Module] = {}
     for iteration in range(self.num_iterations):
@@ -284,14 +299,15 @@ class Perceiver(nn.Module):
             norm_epsilon=self.norm_epsilon, form=self.cross_attend_form,
             output_projection=self.cross_attention_output_projection,
             logit_scale=self.cross_attention_scale, dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+            attention_dropout_rate=self.attention_dropout_rate,
+            attention_impl=self.attention_impl, dtype=self.dtype,
             name=f"cross_attend_{cross_index}")
       if latent_index not in latent_transformers:
         latent_transformers[latent_index] = layers.Encoder(
             self.mlp_dim or self.latent_dim, self_attention, depth=self.latent_depth,
             mlp_activation=self.mlp_activation, dropout_rate=self.dropout_rate,
-            norm_epsilon=self.norm_epsilon, dtype=self.dtype,
-            name=f"latent_transformer_{latent_index}")
+            norm_epsilon=self.norm_epsilon, scan=self.scan, remat=self.remat,
+            dtype=self.dtype, name=f"latent_transformer_{latent_index}")
       z = cross_attends[cross_index](z, inputs, train=train)
       z = latent_transformers[latent_index](z, train=train)
 

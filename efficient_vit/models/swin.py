@@ -115,6 +115,7 @@ class ShiftedWindowAttention(nn.Module):
   shift_size: int = 0
   attention_dropout_rate: float = 0.0
   qkv_bias: bool = True
+  attention_impl: str = "xla"
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -150,12 +151,36 @@ class ShiftedWindowAttention(nn.Module):
 
     windows = layers.MultiHeadAttention(
         self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
-        qkv_bias=self.qkv_bias, dtype=self.dtype, name="window_attention")(windows, bias=bias, mask=mask, train=train)
+        qkv_bias=self.qkv_bias, attention_impl=self.attention_impl, dtype=self.dtype,
+        name="window_attention")(windows, bias=bias, mask=mask, train=train)
 
     x = window_merge(windows, window, height, width)
     if shift:
       x = jnp.roll(x, (shift, shift), axis=(1, 2))
     return x.reshape(batch, tokens, dim)
+
+
+class SwinBlockPair(nn.Module):
+  """Two consecutive blocks of a stage, plain windows then shifted windows: the unit that
+  `nn.scan` repeats over a stage when `model.scan` (the blocks alternate, so pairs are the
+  identical units). [batch, H*W, dim] -> [batch, H*W, dim].
+
+  `block` makes a `layers.EncoderBlock` from an attention factory; `drop_path_rate` [2]
+  (traced, one rate per block) overrides the blocks' rates.
+  """
+
+  block: layers.ModuleDef
+  unshifted_attention: layers.ModuleDef
+  shifted_attention: layers.ModuleDef
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               drop_path_rate: jax.Array | None = None) -> jax.Array:
+    rates = (None, None) if drop_path_rate is None else (drop_path_rate[0], drop_path_rate[1])
+    x = self.block(self.unshifted_attention, name="unshifted")(x, train=train,
+                                                               drop_path_rate=rates[0])
+    return self.block(self.shifted_attention, name="shifted")(x, train=train,
+                                                              drop_path_rate=rates[1])
 
 
 class PatchMerging(nn.Module):
@@ -219,6 +244,14 @@ class SwinTransformer(nn.Module):
     dropout_rate: dropout after the patch embedding, the attention projection and the MLP.
     attention_dropout_rate: dropout on the attention weights.
     drop_path_rate: stochastic depth, rising linearly over all blocks to this value.
+    scan: `nn.scan` over each stage's pairs of blocks (plain, shifted), one pair compiled
+      per stage; every stage depth must then be even. Parameters `stage{s}_blocks/unshifted`
+      and `.../shifted` with a leading [depth / 2] axis (`efficient_vit.scan_layout`).
+    remat: recompute each block's (with scan: each pair's) activations in the backward
+      pass: `none`, `block`, or a `jax.checkpoint_policies` name (`layers.REMATS`).
+    attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`), the
+      `implementation` of `jax.nn.dot_product_attention`, with the relative position bias
+      as its `bias` and the shift regions as its `mask`.
   """
 
   num_classes: int
@@ -240,6 +273,9 @@ class SwinTransformer(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.1
+  scan: bool = False
+  remat: str = "none"
+  attention_impl: str = "xla"
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -270,17 +306,37 @@ class SwinTransformer(nn.Module):
                          f"{height}x{width} feature map of stage {stage} (image "
                          f"{images.shape[1]}x{images.shape[2]}, patch_size={self.patch_size}; "
                          "no padding is done)")
-      for i in range(depth):
-        attention = functools.partial(
-            ShiftedWindowAttention, num_heads=heads, resolution=(height, width),
-            window_size=window, shift_size=shift if i % 2 else 0,
-            attention_dropout_rate=self.attention_dropout_rate, qkv_bias=self.qkv_bias,
-            dtype=self.dtype)
-        x = layers.EncoderBlock(int(dim * self.mlp_ratio), attention,
+      stage_rates = [next(rates) for _ in range(depth)]
+      attention = functools.partial(
+          ShiftedWindowAttention, num_heads=heads, resolution=(height, width),
+          window_size=window, attention_dropout_rate=self.attention_dropout_rate,
+          qkv_bias=self.qkv_bias, attention_impl=self.attention_impl, dtype=self.dtype)
+      block = functools.partial(layers.EncoderBlock, int(dim * self.mlp_ratio),
                                 mlp_activation=self.mlp_activation,
-                                dropout_rate=self.dropout_rate, drop_path_rate=next(rates),
-                                norm_epsilon=self.norm_epsilon, dtype=self.dtype,
-                                name=f"stage{stage}_block{i}")(x, train=train)
+                                dropout_rate=self.dropout_rate,
+                                norm_epsilon=self.norm_epsilon, dtype=self.dtype)
+      if self.scan and depth:
+        if depth % 2:
+          raise ValueError(f"model.scan=True scans each Swin stage over pairs of blocks "
+                           f"(plain, shifted); model.depths={tuple(self.depths)} has "
+                           f"{depth} blocks in stage {stage}; allowed: even depths, or "
+                           "model.scan=False")
+        varying = train and self.drop_path_rate > 0.0
+
+        def step(pair, y, pair_rates, varying=varying):
+          return pair(y, train=train, drop_path_rate=pair_rates if varying else None)
+
+        pair = SwinBlockPair(functools.partial(block, drop_path_rate=0.0),
+                             functools.partial(attention, shift_size=0),
+                             functools.partial(attention, shift_size=shift),
+                             name=f"stage{stage}_blocks")
+        x = layers.scan_blocks(layers.remat_block(step, self.remat, prevent_cse=False), pair,
+                               x, np.asarray(stage_rates).reshape(-1, 2))
+      else:
+        step = layers.remat_block(lambda module, y: module(y, train=train), self.remat)
+        for i in range(depth):
+          x = step(block(functools.partial(attention, shift_size=shift if i % 2 else 0),
+                         drop_path_rate=stage_rates[i], name=f"stage{stage}_block{i}"), x)
       if stage < len(self.depths) - 1 or self.merge_after_last_stage:
         x = PatchMerging(self.merge_norm, self.norm_epsilon, dtype=self.dtype,
                          name=f"stage{stage}_merging")(

@@ -51,6 +51,12 @@ class ViT(nn.Module):
     fc_norm: the final LayerNorm after pooling rather than before (timm's `fc_norm`, the
       default of its `global_pool='avg'` models); only with pooling `gap`.
     dropout_rate, attention_dropout_rate, drop_path_rate, head_dropout_rate: regularisers.
+    scan: `nn.scan` over the encoder blocks (one block compiled instead of each; parameters
+      stacked on a leading [depth] axis, `efficient_vit.scan_layout` converts).
+    remat: recompute each block's activations in the backward pass: `none`, `block`, or a
+      `jax.checkpoint_policies` name (`layers.REMATS`).
+    attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`), the
+      `implementation` of `jax.nn.dot_product_attention`.
   """
 
   num_classes: int
@@ -72,6 +78,9 @@ class ViT(nn.Module):
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   head_dropout_rate: float = 0.0
+  scan: bool = False
+  remat: str = "none"
+  attention_impl: str = "xla"
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -92,13 +101,13 @@ class ViT(nn.Module):
                                   head_dim=self.head_dim,
                                   attention_dropout_rate=self.attention_dropout_rate,
                                   qkv_bias=self.qkv_bias, proj_bias=self.proj_bias,
-                                  dtype=self.dtype)
+                                  attention_impl=self.attention_impl, dtype=self.dtype)
     x = layers.Encoder(self.mlp_dim, attention, depth=self.depth,
                        mlp_activation=self.mlp_activation,
                        mlp_activate_last=self.mlp_activate_last,
                        dropout_rate=self.dropout_rate, drop_path_rate=self.drop_path_rate,
-                       norm_epsilon=self.norm_epsilon, dtype=self.dtype,
-                       name="encoder")(x, train=train)
+                       norm_epsilon=self.norm_epsilon, scan=self.scan, remat=self.remat,
+                       dtype=self.dtype, name="encoder")(x, train=train)
     norm = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype, name="encoder_norm")
     if not self.fc_norm:
       x = norm(x)
