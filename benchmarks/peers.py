@@ -18,7 +18,8 @@ environment that has them. From the repository root:
     VIRTUAL_ENV=.peers/keras nice uv pip install keras==3.15.1 tensorflow-cpu==2.21.0
 
     uv run python -m benchmarks.peers --timm_python=.peers/timm/bin/python \
-        --keras_python=.peers/keras/bin/python --rounds=5 --steps=5 --out=runs/peers.json
+        --keras_python=.peers/keras/bin/python --rounds=5 --steps=5 \
+        --rounds_json=runs/peers.json
 
 `--models=vit_s16,cct` picks models (default: all of `COMPARISONS`); `--batch_size`
 overrides every model's batch (a quick check: `--models=cct --batch_size=32 --steps=3`).
@@ -151,7 +152,8 @@ _KERAS_PYTHON = flags.DEFINE_string("keras_python", None, "Python of an environm
                                     "Keras 3 and its backend (needed by the Keras row).")
 _KERAS_BACKEND = flags.DEFINE_enum("keras_backend", "tensorflow", ["tensorflow", "jax"],
                                    "Keras 3 backend of the Keras row.")
-_OUT = flags.DEFINE_string("out", None, "Also write every round's figures to this JSON file.")
+_ROUNDS_JSON = flags.DEFINE_string("rounds_json", None,
+                                   "Also write every round's figures to this JSON file.")
 
 
 @dataclasses.dataclass
@@ -358,9 +360,9 @@ def main(argv):
   for comparison in plan.comparisons:
     rows.append(compare(comparison, plan, threads, _KERAS_BACKEND.value, log))
     log(format_table(rows[-1:]))
-  if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w", encoding="utf-8") as f:
+  if _ROUNDS_JSON.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_ROUNDS_JSON.value)), exist_ok=True)
+    with open(_ROUNDS_JSON.value, "w", encoding="utf-8") as f:
       json.dump({"rounds": plan.rounds, "steps": plan.steps, "warmup_steps":
                  plan.warmup_steps, "threads": threads, "rows": rows}, f, indent=1)
   print(f"Train step, float32, {threads} CPU threads on each side; median of {plan.rounds} "

@@ -22,8 +22,9 @@ Token sweep (see `efficient_vit/token_sweep.py` for what it measures):
 What the numbers mean:
   - FLOPs are XLA's cost analysis of the compiled program. A data-parallel step's program
     is one device's share, so train FLOPs per step = its count x the number of devices.
-    Where the cost analysis has no FLOP count, 3 x the forward FLOPs x batch is used
-    (`train_flops_source` says which).
+    Where the cost analysis has no FLOP count, or counts a loop body once (`model.scan`),
+    3 x the forward FLOPs x batch is used (`train_flops_source` says which); forward
+    FLOPs are always those of the unscanned model.
   - MFU = train FLOPs per step x steps per second (fixed batch) / (devices x the device's
     dense peak). Peaks come from `PEAK_TFLOPS` matched against `device_kind`, for the
     activation dtype: the float32 figures are the non-tensor-core peaks, so an f32 run
@@ -253,7 +254,7 @@ def benchmark_config(config, *, config_name: str = "", steps: int = 10, warmup_s
   """Times one config's train and eval steps; returns the JSON record (module docstring)."""
   import jax
 
-  from efficient_vit import cost, device_input, input_pipeline, train
+  from efficient_vit import cost, device_input, input_pipeline, scan_layout, train
 
   if input_mode not in ("both", "fixed"):
     raise ValueError(f"input={input_mode!r}; allowed: both, fixed")
@@ -265,9 +266,12 @@ def benchmark_config(config, *, config_name: str = "", steps: int = 10, warmup_s
   size, batch_size = config.image_size, config.batch_size
   host_state = experiment.init_state()
   params = cost.count_params(host_state.params)
-  # Forward FLOPs of one image, with the model's full variables (batch-norm models too).
+  # Forward FLOPs of one image, with the model's full variables (batch-norm models too),
+  # counted on the unscanned equivalent: XLA's cost analysis counts a loop body once, so a
+  # scanned model's compiled count would see one block of each scan.
+  plain_model, plain_variables = scan_layout.plain(model, train.model_variables(host_state))
   forward_flops = cost.compiled_flops(
-      lambda v, x: model.apply(v, x, train=False), train.model_variables(host_state),
+      lambda v, x: plain_model.apply(v, x, train=False), plain_variables,
       jax.ShapeDtypeStruct((1, size, size, 3), jax.numpy.float32))
   timer = StepTimer(experiment, host_state)
   parallel = experiment.parallel
@@ -280,7 +284,7 @@ def benchmark_config(config, *, config_name: str = "", steps: int = 10, warmup_s
   compile_train_s = timer.compile_train(train_batch)
   _check_host_memory(timer.train)
   compile_eval_s = timer.compile_eval(eval_batch)
-  train_flops = cost.program_flops(timer.train)
+  train_flops = None if config.model.get("scan") else cost.program_flops(timer.train)
   if train_flops is not None:
     train_flops *= jax.device_count()  # The program is one device's share of the step.
     flops_source = "compiled"

@@ -123,3 +123,21 @@ def test_single_config_prints_one_json_line(capsys, monkeypatch):
   expected = flops_per_s / (0.5e12 * record["num_devices"])
   assert record["peak_tflops_per_device"] == 0.5
   assert record["mfu"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_scanned_model_counts_the_flops_of_every_block(tiny_vit_config):
+  # XLA's cost analysis counts a loop body once: the FLOPs of a scanned model come from
+  # its unscanned equivalent, so they equal the unscanned model's.
+  tiny_vit_config.update(batch_size=4)
+  tiny_vit_config.model.depth = 3
+  records = {}
+  for scan in (False, True):
+    tiny_vit_config.model.scan = scan
+    records[scan] = benchmark.benchmark_config(tiny_vit_config, steps=1, warmup_steps=0,
+                                               input_mode="fixed")
+  assert records[True]["forward_gflops_per_image"] == pytest.approx(
+      records[False]["forward_gflops_per_image"], rel=1e-6)
+  assert records[True]["train_flops_source"] == "3x_forward"
+  # 3 x forward x batch against the compiled count of the unscanned step: close.
+  ratio = records[True]["train_gflops_per_step"] / records[False]["train_gflops_per_step"]
+  assert 0.5 < ratio < 2.0
