@@ -137,6 +137,24 @@ def _paper_model(family: str, depth: int, size: int, conv_layers: int) -> dict:
   return fields
 
 
+def _timm_augmentation(**per_recipe) -> dict:
+  """The augmentation keys that the official CCT ymls (run by timm's train.py) share, the
+  same in configs/datasets/cifar10.yml and configs/pretrained/cct_14-7x2_imagenet.yml;
+  `per_recipe` adds each yml's crop scale, eval crop and mixing stop."""
+  return dict(
+      crop="inception",  # timm's RandomResizedCrop (`scale` in per_recipe)
+      flip=True,  # timm's hflip 0.5 (train.py default)
+      # `aa: rand-m9-mstd0.5-inc1` (timm: 2 ops, magnitude 9, std 0.5, inc1 op set)
+      randaugment_num_ops=2, randaugment_magnitude=9.0, randaugment_magnitude_std=0.5,
+      mixup_alpha=0.8,  # `mixup: 0.8`
+      cutmix_alpha=1.0,  # `cutmix: 1.0`
+      mix_prob=1.0,  # `mixup_prob: 1.0` (`mixup_mode: batch`)
+      mix_switch_prob=0.5,  # `mixup_switch_prob: 0.5`
+      random_erasing_prob=0.25,  # `reprob: 0.25`
+      random_erasing_mode="pixel",  # `remode: pixel`
+      **per_recipe)
+
+
 def get_config(preset: str = "keras"):
   c = common.base_config()
   c.model.name = "cct"
@@ -170,20 +188,10 @@ def get_config(preset: str = "keras"):
       c.dataset = "imagenet2012"
       c.eval_split = "validation"  # ImageNet's test labels are not public.
       c.image_size = 224
-      c.augment.update(
-          crop="inception",  # RandomResizedCrop, `scale: [0.08, 1.0]`
-          crop_scale=(0.08, 1.0),
+      c.augment.update(_timm_augmentation(
+          crop_scale=(0.08, 1.0),  # RandomResizedCrop, `scale: [0.08, 1.0]`
           eval_crop_fraction=0.9,  # `crop_pct: 0.9`
-          flip=True,  # timm's hflip 0.5 (train.py default)
-          # `aa: rand-m9-mstd0.5-inc1` (timm: 2 ops, magnitude 9, std 0.5, inc1 op set)
-          randaugment_num_ops=2, randaugment_magnitude=9.0, randaugment_magnitude_std=0.5,
-          mixup_alpha=0.8,  # `mixup: 0.8`
-          cutmix_alpha=1.0,  # `cutmix: 1.0`
-          mix_prob=1.0,  # `mixup_prob: 1.0` (`mixup_mode: batch`)
-          mix_switch_prob=0.5,  # `mixup_switch_prob: 0.5`
-          mix_stop_epoch=-1.0,  # `mixup_off_epoch: 0` (timm: never off)
-          random_erasing_prob=0.25,  # `reprob: 0.25`
-          random_erasing_mode="pixel")  # `remode: pixel`
+          mix_stop_epoch=-1.0))  # `mixup_off_epoch: 0` (timm: never off)
       # `batch_size: 128` is per process of dist_train.sh, and neither the config nor the
       # README says how many processes: 1024 assumes 8 (not stated; the script does not
       # scale `lr` with the batch, so lr stays 5e-4 whatever the count).
@@ -209,20 +217,11 @@ def get_config(preset: str = "keras"):
       # Recipe: SHI-Labs/Compact-Transformers configs/datasets/cifar10.yml, whose optimiser
       # and schedule keys configs/pretrained/cct_7-3x1_cifar10_300epochs.yml (the 96.53%
       # run) repeats with the same values; key: value quoted per line.
-      c.augment.update(
-          crop="inception",  # timm's RandomResizedCrop(32), `scale: [0.8, 1.0]`
-          crop_scale=(0.8, 1.0),
+      c.augment.update(_timm_augmentation(
+          crop_scale=(0.8, 1.0),  # timm's RandomResizedCrop(32), `scale: [0.8, 1.0]`
           eval_crop_fraction=1.0,  # `crop_pct: 1.0`: eval sees the whole image
-          flip=True,  # timm's hflip 0.5 (train.py default)
-          # `aa: rand-m9-mstd0.5-inc1` (timm: 2 ops, magnitude 9, std 0.5, inc1 op set)
-          randaugment_num_ops=2, randaugment_magnitude=9.0, randaugment_magnitude_std=0.5,
-          mixup_alpha=0.8,  # `mixup: 0.8`
-          cutmix_alpha=1.0,  # `cutmix: 1.0`
-          mix_prob=1.0,  # `mixup_prob: 1.0` (`mixup_mode: batch`)
-          mix_switch_prob=0.5,  # `mixup_switch_prob: 0.5`
-          mix_stop_epoch=175.0,  # `mixup_off_epoch: 175`
-          # `reprob: 0.25` (datasets/cifar10.yml; cct_7_3x1 below: 0), `remode: pixel`
-          random_erasing_prob=0.25, random_erasing_mode="pixel")
+          mix_stop_epoch=175.0))  # `mixup_off_epoch: 175`
+      # `reprob: 0.25` in datasets/cifar10.yml (below: cct_7_3x1's own yml has 0).
       if preset == "cct_7_3x1":
         c.augment.random_erasing_prob = 0.0  # cct_7-3x1_cifar10_300epochs.yml `reprob: 0`
       c.batch_size = 128  # `batch_size: 128` (per process; README's CIFAR command runs one)
