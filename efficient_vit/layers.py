@@ -178,24 +178,54 @@ def remat_block(fn: Callable[..., Any], remat: str, *, prevent_cse: bool = True)
 
 
 def scan_blocks(fn: Callable[..., jax.Array], block: nn.Module, x: jax.Array,
-                rates: np.ndarray) -> jax.Array:
-  """`x = fn(block_i, x, rates[i])` for i < len(rates), as one `nn.scan` over `block`.
+                per_block: Any) -> jax.Array:
+  """`x = fn(block_i, x, per_block[i])` for every block i, as one `nn.scan` over `block`.
 
-  The blocks' parameters (and sown intermediates) get a leading [len(rates)] axis; each
-  block draws its own `params` and `dropout` keys. `rates` [n, ...] are the per-block
-  inputs (the stochastic-depth rates). One block is traced and compiled instead of n.
+  `per_block`: arrays (or a tuple of them) with a leading [n] axis, the inputs that differ
+  from block to block (stochastic-depth rates; Swin's shifted-or-not). The blocks'
+  parameters (and sown intermediates) get a leading [n] axis; each block draws its own
+  `params` and `dropout` keys. One block is traced and lowered instead of n.
   """
-  scanned = nn.scan(lambda module, carry, rate: (fn(module, carry, rate), None),
+  per_block = jax.tree_util.tree_map(jnp.asarray, per_block)
+  length = jax.tree_util.tree_leaves(per_block)[0].shape[0]
+  scanned = nn.scan(lambda module, carry, inputs: (fn(module, carry, inputs), None),
                     variable_axes={"params": 0, "intermediates": 0},
                     split_rngs={"params": True, "dropout": True},
-                    in_axes=0, length=len(rates))
-  x, _ = scanned(block, x, jnp.asarray(rates, jnp.float32))
+                    in_axes=0, length=length)
+  x, _ = scanned(block, x, per_block)
   return x
 
 
 def sow_attention(module: nn.Module, weights: jax.Array) -> None:
   """Stores attention weights [batch, heads, queries, keys] when intermediates are asked for."""
   module.sow("intermediates", "attention_weights", weights)
+
+
+class DenseParams(nn.Module):
+  """The parameters of an `nn.DenseGeneral` from `in_shape` to `features`, returned
+  instead of applied: `kernel` [*in_shape, *features] and `bias` [*features] (None without
+  `use_bias`), initialised exactly as DenseGeneral initialises them, cast to `dtype`.
+
+  `MultiHeadAttention` contracts them itself (several projections in one matmul, heads
+  kept in front of the tokens), under the parameter names and shapes of the DenseGeneral
+  layers it replaces, so that checkpoints and weight imports see no difference.
+  """
+
+  in_shape: tuple[int, ...]
+  features: tuple[int, ...]
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array | None]:
+    fan_in, fan_out = int(np.prod(self.in_shape)), int(np.prod(self.features))
+
+    def kernel_init(key, shape, dtype=jnp.float32):
+      return dense_init(key, (fan_in, fan_out), dtype).reshape(shape)
+
+    kernel = self.param("kernel", kernel_init, self.in_shape + self.features)
+    bias = self.param("bias", nn.initializers.zeros, self.features) if self.use_bias else None
+    return kernel.astype(self.dtype), None if bias is None else bias.astype(self.dtype)
 
 
 class MultiHeadAttention(nn.Module):
@@ -205,11 +235,19 @@ class MultiHeadAttention(nn.Module):
   (out_dim defaults to d_q). `head_dim` defaults to d_q // num_heads; the Keras examples
   set it to the model width (`key_dim`), which makes their attention wider than the model.
 
-  The computation goes through `jax.nn.dot_product_attention` with `attention_impl`
-  (`ATTENTION_IMPLS`: xla, cudnn, auto), so a GPU can get the fused kernel, except when
-  attention dropout is active or the weights are being extracted (the `intermediates`
-  collection is mutable): both need the explicit softmax, which is then used whatever
-  `attention_impl` says.
+  Parameters: `query`, `key`, `value` (kernels [d, heads, head_dim], biases [heads,
+  head_dim]) and `out` (kernel [heads, head_dim, out_dim]), the layout of flax's
+  DenseGeneral projections. The computation is laid out for speed, not like the
+  parameters: self-attention projects q, k and v in one matmul against the three kernels
+  stacked (k and v together for cross-attention), straight into [batch, heads, tokens,
+  head_dim], and the output projection contracts heads and head_dim from that layout, so
+  that no transpose sits between the projections and the attention (benchmarks/PROFILE.md).
+
+  `attention_impl` (`ATTENTION_IMPLS`): `xla` is the einsum / softmax program in that
+  head-major layout (what `jax.nn.dot_product_attention(implementation="xla")` computes,
+  without its transposes), also used whatever `attention_impl` says when attention
+  dropout is active or the weights are being extracted (the `intermediates` collection is
+  mutable); `cudnn` goes through `jax.nn.dot_product_attention` for the fused kernel.
   `bias` broadcasts to [batch, heads, n, m]; `mask` (True = attend) likewise.
   `qkv_bias` puts biases on the query, key and value projections (timm's `qkv_bias`;
   the official CCT has none), `proj_bias` on the output projection.
@@ -235,48 +273,78 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *,
                bias: jax.Array | None = None, mask: jax.Array | None = None,
                train: bool = False) -> jax.Array:
-    inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+    self_attention = inputs_kv is None
+    inputs_kv = inputs_q if self_attention else inputs_kv
     check_attention_impl(self.attention_impl)
     head_dim = self.head_dim or inputs_q.shape[-1] // self.num_heads
     if self.head_dim is None and inputs_q.shape[-1] % self.num_heads:
       raise ValueError(f"model.num_heads={self.num_heads} must divide the width "
                        f"{inputs_q.shape[-1]} (or give head_dim).")
-    project = functools.partial(nn.DenseGeneral, features=(self.num_heads, head_dim),
-                                use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=dense_init)
-    q = project(name="query")(inputs_q)    # [b, n, heads, head_dim]
-    k = project(name="key")(inputs_kv)     # [b, m, heads, head_dim]
-    v = project(name="value")(inputs_kv)
+    if self.logit_scale not in ("rsqrt", "learned"):
+      raise ValueError(f"logit_scale={self.logit_scale!r}; allowed: rsqrt, learned")
+    heads = (self.num_heads, head_dim)
+    q_params, k_params, v_params = (
+        DenseParams((x.shape[-1],), heads, self.qkv_bias, self.dtype, name=name)()
+        for x, name in ((inputs_q, "query"), (inputs_kv, "key"), (inputs_kv, "value")))
+    explicit = (train and self.attention_dropout_rate > 0.0) or self.is_mutable_collection(
+        "intermediates")
+    implementation = "xla" if explicit else attention_implementation(
+        self.attention_impl, self.dtype, head_dim)
+    layout = "bhnk" if implementation == "xla" else "bnhk"
+    if self_attention:
+      q, k, v = _project(inputs_q.astype(self.dtype), (q_params, k_params, v_params), layout)
+    else:
+      (q,) = _project(inputs_q.astype(self.dtype), (q_params,), layout)
+      k, v = _project(inputs_kv.astype(self.dtype), (k_params, v_params), layout)
     if self.logit_scale == "learned":
       # Both paths below divide q.k by sqrt(head_dim); this makes the product scale * q.k.
       scale = self.param("scale", nn.initializers.ones, ())
       q = q * (scale * np.sqrt(head_dim)).astype(q.dtype)
-    elif self.logit_scale != "rsqrt":
-      raise ValueError(f"logit_scale={self.logit_scale!r}; allowed: rsqrt, learned")
 
-    explicit = (train and self.attention_dropout_rate > 0.0) or self.is_mutable_collection(
-        "intermediates")
-    if explicit:
-      logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+    if implementation == "xla":
+      logits = jnp.einsum("bhnk,bhmk->bhnm", q, k, preferred_element_type=jnp.float32)
+      logits = logits * np.float32(1.0 / np.sqrt(head_dim))
       if bias is not None:
-        logits = logits + bias
+        logits = logits + bias.astype(jnp.float32)
       if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-      sow_attention(self, weights)
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      sow_attention(self, weights)  # kept only where `intermediates` is mutable
       weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=not train)
-      out = jnp.einsum("bhnm,bmhd->bnhd", weights, v)
+      out = jnp.einsum("bhnm,bhmk->bhnk", weights, v)
+      out_axes = "bhnk"
     else:
       out = jax.nn.dot_product_attention(
           q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
-          implementation=attention_implementation(self.attention_impl, q.dtype, head_dim))
+          implementation=implementation)
+      out_axes = "bnhk"
     if not self.output_projection:
       if self.out_dim not in (None, self.num_heads * head_dim):
         raise ValueError(f"out_dim={self.out_dim} needs an output projection: without one the "
                          f"output width is heads * head_dim = {self.num_heads * head_dim}")
+      out = jnp.einsum(f"{out_axes}->bnhk", out)
       return out.reshape(out.shape[:-2] + (self.num_heads * head_dim,))
-    return nn.DenseGeneral(self.out_dim or inputs_q.shape[-1], axis=(-2, -1),
-                           use_bias=self.proj_bias, dtype=self.dtype, kernel_init=dense_init,
-                           name="out")(out)
+    kernel, out_bias = DenseParams(heads, (self.out_dim or inputs_q.shape[-1],),
+                                   self.proj_bias, self.dtype, name="out")()
+    y = jnp.einsum(f"{out_axes},hkd->bnd", out, kernel)
+    return y if out_bias is None else y + out_bias
+
+
+def _project(x: jax.Array, params: Sequence[tuple[jax.Array, jax.Array | None]],
+             layout: str) -> list[jax.Array]:
+  """x [batch, n, d] against each (kernel [d, heads, head_dim], bias) in one matmul:
+  a [batch, heads, n, head_dim] (`layout='bhnk'`) or [batch, n, heads, head_dim] ('bnhk')
+  array per projection."""
+  if len(params) == 1:
+    kernel, bias = params[0]
+    y = jnp.einsum(f"bnd,dhk->{layout}", x, kernel)
+    return [y if bias is None else y + (bias[:, None] if layout == "bhnk" else bias)]
+  kernels = jnp.stack([kernel for kernel, _ in params])     # [p, d, heads, head_dim]
+  y = jnp.einsum(f"bnd,pdhk->p{layout}", x, kernels)
+  if params[0][1] is not None:
+    biases = jnp.stack([bias for _, bias in params])        # [p, heads, head_dim]
+    y = y + (biases[:, None, :, None] if layout == "bhnk" else biases[:, None, None])
+  return list(y)
 
 
 BLOCK_FORMS = ("pre_norm", "cct")
@@ -316,14 +384,17 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False,
-               drop_path_rate: jax.Array | None = None) -> jax.Array:
-    """`drop_path_rate` (a traced scalar under `nn.scan`) overrides the field's rate."""
+               drop_path_rate: jax.Array | None = None,
+               attention_args: dict[str, Any] | None = None) -> jax.Array:
+    """`drop_path_rate` (a traced scalar under `nn.scan`) overrides the field's rate;
+    `attention_args` are passed on to the attention's call (Swin's `shifted`)."""
     if self.block_form not in BLOCK_FORMS:
       raise ValueError(f"model.block_form={self.block_form!r}; allowed: {', '.join(BLOCK_FORMS)}")
     norm = functools.partial(nn.LayerNorm, epsilon=self.norm_epsilon, dtype=self.dtype)
     attention_rate = self.dropout_rate if self.attention_output_dropout_rate is None else (
         self.attention_output_dropout_rate)
-    y = self.attention(name="attention")(norm(name="attention_norm")(x), train=train)
+    y = self.attention(name="attention")(norm(name="attention_norm")(x), train=train,
+                                         **(attention_args or {}))
     y = nn.Dropout(attention_rate)(y, deterministic=not train)
     x = x + DropPath(self.drop_path_rate)(y, train=train, rate=drop_path_rate)
     mlp_norm = norm(name="mlp_norm")
@@ -370,7 +441,7 @@ class Encoder(EncoderBlock):
 
       block = EncoderBlock(**{**block_fields, "drop_path_rate": 0.0}, name="blocks")
       return scan_blocks(remat_block(step, self.remat, prevent_cse=False), block, x,
-                         np.asarray(rates))
+                         np.asarray(rates, np.float32))
     step = remat_block(lambda block, y: block(y, train=train), self.remat)
     for i, rate in enumerate(rates):
       x = step(EncoderBlock(**{**block_fields, "drop_path_rate": rate}, name=f"block_{i}"), x)
@@ -452,9 +523,63 @@ class ClassToken(nn.Module):
 
 def classifier(x: jax.Array, num_classes: int, dtype: Dtype = jnp.float32,
                name: str = "head") -> jax.Array:
-  """The final linear layer, zero-initialised as in the original ViT: [batch, d] -> [batch, classes].
+  """The final linear layer, zero-initialised as in the original ViT:
+  [batch, d] -> [batch, classes].
 
   Call inside a compact module's `__call__`; the Dense attaches to that module.
   """
   return nn.Dense(num_classes, dtype=dtype, kernel_init=nn.initializers.zeros,
                   name=name)(x).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+             padding: str | Sequence[tuple[int, int]]) -> jax.Array:
+  """`nn.max_pool` over [batch, H, W, C] with a cheaper gradient on CPU.
+
+  The forward pass is `nn.max_pool`'s (padding "SAME" / "VALID" or ((top, bottom),
+  (left, right)); padded cells never win). The gradient is the same as XLA's (each
+  window's cotangent to its maximum; among equal values the first in row-major window
+  order, as XLA, PyTorch and TensorFlow choose), computed by comparing every window offset
+  of the input with the pooled output instead of XLA's select-and-scatter, whose
+  argmax-carrying reduce-window took about 18% of the CCT seed step on CPU
+  (benchmarks/PROFILE.md).
+  """
+  return nn.max_pool(x, window, strides=strides, padding=padding)
+
+
+def _max_pool_fwd(x, window, strides, padding):
+  y = max_pool(x, window, strides, padding)
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, strides, padding, residuals, g):
+  x, y = residuals
+  batch, height, width, channels = x.shape
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads((height, width), window, strides, padding)
+  (top, bottom), (left, right) = padding
+  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)),
+                   constant_values=-jnp.inf)
+  ph, pw = padded.shape[1:3]
+  oh, ow = y.shape[1:3]
+  sh, sw = strides
+  zero = jnp.zeros((), g.dtype)
+  taken = jnp.zeros(y.shape, bool)  # windows whose maximum has been found
+  grad = jnp.zeros(padded.shape, g.dtype)
+  for i in range(window[0]):
+    for j in range(window[1]):
+      # The input cell at offset (i, j) of every window: [batch, oh, ow, C].
+      cells = jax.lax.slice(padded, (0, i, j, 0),
+                            (batch, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, channels),
+                            (1, sh, sw, 1))
+      hit = (cells == y) & ~taken
+      taken = taken | hit
+      # Back to the cells' positions: interior padding undoes the stride.
+      grad = grad + jax.lax.pad(jnp.where(hit, g, zero), zero,
+                                ((0, 0, 0), (i, ph - i - (oh - 1) * sh - 1, sh - 1),
+                                 (j, pw - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)))
+  return (grad[:, top:top + height, left:left + width],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -9,12 +9,10 @@ leading [depth] axis, as `nn.scan` holds them:
   .../block_0, .../block_1, ...             .../blocks              (layers.Encoder: ViT,
                                                                      CCT, EANet, Perceiver)
   .../transformer_0, .../transformer_1 ...  .../transformers        (MobileViT)
-  stage{s}_block0, stage{s}_block1, ...     stage{s}_blocks/unshifted  (Swin: even blocks)
-                                            stage{s}_blocks/shifted    (Swin: odd blocks)
+  stage{s}_block0, stage{s}_block1, ...     stage{s}_blocks         (Swin, per stage)
 
-Swin scans over pairs of blocks (plain window, then shifted window), so each stage's depth
-must be even there. Everything else is left as it is. The conversion works on any nested
-dict of arrays (variables, `params` alone, EMA parameters, shapes from `jax.eval_shape`).
+Everything else is left as it is. The conversion works on any nested dict of arrays
+(variables, `params` alone, EMA parameters, shapes from `jax.eval_shape`).
 
     variables = to_layout(variables, scan=config.model.scan)
     model, variables = plain(model, variables)   # unscanned, no remat, xla attention
@@ -29,12 +27,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# name pattern of one unscanned block -> name of the stacked subtree.
-_STACKS = ((re.compile(r"block_(\d+)"), "blocks"),
-           (re.compile(r"transformer_(\d+)"), "transformers"))
-_SWIN_BLOCK = re.compile(r"stage(\d+)_block(\d+)")
-_SWIN_STACK = re.compile(r"stage(\d+)_blocks")
-_SWIN_PARITY = ("unshifted", "shifted")
+# One unscanned block: its prefix and number; the stacked subtree is named prefix + "s"
+# without the underscore (block_3 -> blocks, stage2_block3 -> stage2_blocks).
+_BLOCK = re.compile(r"(block_|transformer_|stage\d+_block)(\d+)")
+_STACK = re.compile(r"(blocks|transformers|stage\d+_blocks)")
+
+
+def _stacked_name(prefix: str) -> str:
+  return prefix.rstrip("_") + "s"
+
+
+def _block_name(stacked: str, i: int) -> str:
+  prefix = stacked[:-1]
+  return f"{prefix}{i}" if prefix.startswith("stage") else f"{prefix}_{i}"
 
 
 def _stack(trees: list[Any]) -> Any:
@@ -64,36 +69,19 @@ def _depth(tree: Any, name: str) -> int:
   return sizes.pop()
 
 
-def _numbered(tree: Mapping[str, Any], pattern: re.Pattern) -> list[str]:
-  """The keys of `tree` that `pattern` fully matches, in block order; an error on gaps."""
-  found = sorted((int(m.group(1)), k) for k in tree if (m := pattern.fullmatch(k)))
-  if [i for i, _ in found] != list(range(len(found))):
-    raise ValueError(f"blocks {[k for _, k in found]} are not numbered 0..{len(found) - 1}")
-  return [k for _, k in found]
-
-
 def _stack_level(tree: Mapping[str, Any]) -> dict[str, Any]:
   out = dict(tree)
-  for pattern, stacked in _STACKS:
-    keys = _numbered(tree, pattern)
-    if keys:
-      if stacked in tree:
-        raise ValueError(f"both {keys[0]} and {stacked} are present: a mixed layout")
-      out[stacked] = _stack([tree[k] for k in keys])
-      for k in keys:
-        del out[k]
-  stages: dict[int, list[tuple[int, str]]] = {}
+  groups: dict[str, list[tuple[int, str]]] = {}
   for k in tree:
-    if m := _SWIN_BLOCK.fullmatch(k):
-      stages.setdefault(int(m.group(1)), []).append((int(m.group(2)), k))
-  for stage, blocks in stages.items():
+    if m := _BLOCK.fullmatch(k):
+      groups.setdefault(_stacked_name(m.group(1)), []).append((int(m.group(2)), k))
+  for stacked, blocks in groups.items():
     blocks.sort()
-    if len(blocks) % 2:
-      raise ValueError(f"stage {stage} has {len(blocks)} blocks; a scanned Swin stage scans "
-                       "over pairs (plain, shifted) and needs an even depth")
-    out[f"stage{stage}_blocks"] = {
-        parity: _stack([tree[k] for i, k in blocks if i % 2 == p])
-        for p, parity in enumerate(_SWIN_PARITY)}
+    if [i for i, _ in blocks] != list(range(len(blocks))):
+      raise ValueError(f"blocks {[k for _, k in blocks]} are not numbered 0..{len(blocks) - 1}")
+    if stacked in tree:
+      raise ValueError(f"both {blocks[0][1]} and {stacked} are present: a mixed layout")
+    out[stacked] = _stack([tree[k] for _, k in blocks])
     for _, k in blocks:
       del out[k]
   return out
@@ -101,19 +89,11 @@ def _stack_level(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 def _unstack_level(tree: Mapping[str, Any]) -> dict[str, Any]:
   out = dict(tree)
-  for pattern, stacked in _STACKS:
-    if stacked in tree and isinstance(tree[stacked], Mapping):
-      name = pattern.pattern.replace(r"(\d+)", "{}")
-      del out[stacked]
-      for i, block in enumerate(_unstack(tree[stacked], _depth(tree[stacked], stacked))):
-        out[name.format(i)] = block
   for k in tree:
-    if (m := _SWIN_STACK.fullmatch(k)) and isinstance(tree[k], Mapping):
-      pairs = [_unstack(tree[k][parity], _depth(tree[k][parity], k)) for parity in _SWIN_PARITY]
+    if _STACK.fullmatch(k) and isinstance(tree[k], Mapping):
       del out[k]
-      for j, pair in enumerate(zip(*pairs)):
-        for p, block in enumerate(pair):
-          out[f"stage{m.group(1)}_block{2 * j + p}"] = block
+      for i, block in enumerate(_unstack(tree[k], _depth(tree[k], k))):
+        out[_block_name(k, i)] = block
   return out
 
 
@@ -133,9 +113,7 @@ def stacked_axes(names: Any) -> int:
   """How many leading axes of the leaf at path `names` (strings) number stacked blocks: 1
   under a scanned stack, else 0. Per-leaf rules (weight decay on matrices, LAMB's trust
   ratio) look through that axis, so that scan on and off train alike."""
-  return int(any(isinstance(n, str) and (n in ("blocks", "transformers")
-                                         or _SWIN_STACK.fullmatch(n) is not None)
-                 for n in names))
+  return int(any(isinstance(n, str) and _STACK.fullmatch(n) is not None for n in names))
 
 
 def is_scanned(model: Any) -> bool:

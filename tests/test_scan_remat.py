@@ -27,8 +27,9 @@ FAMILIES = {
     "perceiver": (dict(name="perceiver", patch_size=4, num_bands=2, num_latents=4,
                        latent_dim=16, num_iterations=2, share_weights="all",
                        latent_depth=2, latent_heads=2), 8),
-    # One stage of 4 x 4 tokens, windows of 2, shift 1: two (plain, shifted) pairs.
-    "swin": (dict(name="swin", patch_size=2, embed_dim=16, depths=(4,), num_heads=(2,),
+    # One stage of 4 x 4 tokens, windows of 2, shift 1: plain, shifted, plain (an odd
+    # depth: the scanned stage decides per block whether to shift).
+    "swin": (dict(name="swin", patch_size=2, embed_dim=16, depths=(3,), num_heads=(2,),
                   window_size=2, drop_path_rate=0.2), 8),
     # No MV2 stage; one MobileViT stage of two transformer blocks, batch norm included.
     "mobilevit": (dict(name="mobilevit", stem_channels=8, stage_channels=(16,),
@@ -104,7 +105,7 @@ def test_scan_gives_the_same_logits_and_gradients(family, reference):
 
 @pytest.mark.parametrize("family", ["swin"])
 def test_scanned_stochastic_depth_trains(family, reference):
-  """Per-block drop-path rates as scanned inputs (Swin: a pair of rates per step): in train
+  """Per-block drop-path rates as scanned inputs (Swin: beside the shift flags): in train
   mode, with no other dropout, branches are dropped at random."""
   fields, images, variables, _, _ = reference(family)
   model = build_model({**fields, "scan": True}, NUM_CLASSES)
@@ -160,9 +161,6 @@ def test_invalid_values_name_the_field():
                                        "auto"):
     jax.eval_shape(build_model({**FAMILIES["vit"][0], "attention_impl": "flash"},
                                NUM_CLASSES).init, jax.random.key(0), images)
-  with pytest.raises(ValueError, match=r"model\.scan=True scans each Swin stage over pairs"):
-    jax.eval_shape(build_model({**FAMILIES["swin"][0], "depths": (3,), "scan": True},
-                               NUM_CLASSES).init, jax.random.key(0), _images(16))
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the error without a GPU")
@@ -233,10 +231,18 @@ def test_imported_weights_match_the_reference_with_scan(name):
                              rtol=1e-4)
 
 
-def test_layout_rejects_a_mixed_or_odd_tree():
+def test_layout_stacks_each_swin_stage_and_rejects_a_mixed_tree():
   leaf = np.zeros((2,))
-  with pytest.raises(ValueError, match="needs an even depth"):
-    scan_layout.to_layout({"stage0_block0": {"w": leaf}}, scan=True)
+  swin = {f"stage{s}_block{i}": {"w": leaf + 10 * s + i} for s, d in ((0, 3), (1, 1))
+          for i in range(d)}
+  stacked = scan_layout.to_layout(swin, scan=True)
+  assert sorted(stacked) == ["stage0_blocks", "stage1_blocks"]
+  np.testing.assert_array_equal(stacked["stage0_blocks"]["w"][:, 0], [0, 1, 2])
+  assert scan_layout.stacked_axes(("params", "stage0_blocks", "w")) == 1
+  _assert_trees_close(scan_layout.to_layout(stacked, scan=False), swin, 0)
+  with pytest.raises(ValueError, match="mixed layout"):
+    scan_layout.to_layout({"e": {"block_0": {"w": leaf}, "blocks": {"w": leaf[None]}}},
+                          scan=True)
   with pytest.raises(ValueError, match="not numbered"):
     scan_layout.to_layout({"encoder": {"block_0": {"w": leaf}, "block_2": {"w": leaf}}},
                           scan=True)

@@ -125,8 +125,8 @@ class ConvTokenizer(nn.Module):
         x = jnp.pad(x, ((0, 0), (self.padding,) * 2, (self.padding,) * 2, (0, 0)))
       # lax's "SAME" is TensorFlow's rule; the padded cells never win the max.
       pool_padding = "SAME" if keras else ((self.pool_padding,) * 2,) * 2
-      x = nn.max_pool(x, (self.pool_kernel_size,) * 2, strides=(self.pool_stride,) * 2,
-                      padding=pool_padding)
+      x = layers.max_pool(x, (self.pool_kernel_size,) * 2, (self.pool_stride,) * 2,
+                          pool_padding)
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
@@ -176,8 +176,8 @@ class CCT(nn.Module):
       stacked on a leading [depth] axis, `efficient_vit.scan_layout` converts).
     remat: recompute each block's activations in the backward pass: `none`, `block`, or a
       `jax.checkpoint_policies` name (`layers.REMATS`).
-    attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`), the
-      `implementation` of `jax.nn.dot_product_attention`.
+    attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`): the
+      einsum / softmax program, or cuDNN's fused kernel via `jax.nn.dot_product_attention`.
   """
 
   num_classes: int

@@ -178,9 +178,9 @@ class EANet(nn.Module):
       stacked on a leading [depth] axis, `efficient_vit.scan_layout` converts).
     remat: recompute each block's activations in the backward pass: `none`, `block`, or a
       `jax.checkpoint_policies` name (`layers.REMATS`).
-    attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`), the
-      `implementation` of `jax.nn.dot_product_attention` (attention="self" only; external
-      attention has no softmax over keys to fuse).
+    attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`): the
+      einsum / softmax program, or cuDNN's fused kernel via `jax.nn.dot_product_attention`
+      (attention="self" only; external attention has no softmax over keys to fuse).
   """
 
   num_classes: int

@@ -183,9 +183,9 @@ class Perceiver(nn.Module):
       stacked on a leading [depth] axis, `efficient_vit.scan_layout` converts).
     remat: recompute each block's activations in the backward pass: `none`, `block`, or a
       `jax.checkpoint_policies` name (`layers.REMATS`).
-    attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`), the
-      `implementation` of `jax.nn.dot_product_attention`, for the latent self-attention
-      and the cross-attention alike.
+    attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`): the
+      einsum / softmax program, or cuDNN's fused kernel via `jax.nn.dot_product_attention`,
+      for the latent self-attention and the cross-attention alike.
   """
 
   num_classes: int

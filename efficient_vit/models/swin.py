@@ -119,7 +119,10 @@ class ShiftedWindowAttention(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               shifted: jax.Array | None = None) -> jax.Array:
+    """`shifted` (a traced bool, one per block of a scanned stage) decides at run time
+    whether this block shifts, by `shift_size`; None: `shift_size` alone decides."""
     height, width = self.resolution
     batch, tokens, dim = x.shape
     if tokens != height * width:
@@ -133,9 +136,18 @@ class ShiftedWindowAttention(nn.Module):
       raise ValueError(f"model.window_size={window} does not divide the {height}x{width} "
                        "feature map (this implementation does not pad)")
 
-    x = x.reshape(batch, height, width, dim)
-    if shift:
-      x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
+    def roll(x, by):
+      return jnp.roll(x, (by, by), axis=(1, 2))
+
+    def maybe_roll(x, by):
+      if not shift:
+        return x
+      if shifted is None:
+        return roll(x, by)
+      # One branch runs: an unshifted block of a scanned stage copies nothing.
+      return jax.lax.cond(shifted, functools.partial(roll, by=by), lambda x: x, x)
+
+    x = maybe_roll(x.reshape(batch, height, width, dim), -shift)
     windows = window_partition(x, window)  # [batch * nW, M^2, dim]
 
     table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
@@ -144,8 +156,10 @@ class ShiftedWindowAttention(nn.Module):
     bias = bias.transpose(2, 0, 1)[None].astype(self.dtype)  # [1, heads, M^2, M^2]
     mask = None
     if shift:
-      region_mask = shifted_window_mask(height, width, window, shift)  # [nW, M^2, M^2]
-      mask = jnp.broadcast_to(jnp.asarray(region_mask)[None, :, None],
+      region_mask = jnp.asarray(shifted_window_mask(height, width, window, shift))
+      if shifted is not None:  # all True (no mask) for an unshifted block
+        region_mask = region_mask | ~shifted
+      mask = jnp.broadcast_to(region_mask[None, :, None],
                               (batch,) + region_mask.shape[:1] + (1,) + region_mask.shape[1:])
       mask = mask.reshape((-1, 1) + region_mask.shape[1:])  # [batch * nW, 1, M^2, M^2]
 
@@ -155,32 +169,7 @@ class ShiftedWindowAttention(nn.Module):
         name="window_attention")(windows, bias=bias, mask=mask, train=train)
 
     x = window_merge(windows, window, height, width)
-    if shift:
-      x = jnp.roll(x, (shift, shift), axis=(1, 2))
-    return x.reshape(batch, tokens, dim)
-
-
-class SwinBlockPair(nn.Module):
-  """Two consecutive blocks of a stage, plain windows then shifted windows: the unit that
-  `nn.scan` repeats over a stage when `model.scan` (the blocks alternate, so pairs are the
-  identical units). [batch, H*W, dim] -> [batch, H*W, dim].
-
-  `block` makes a `layers.EncoderBlock` from an attention factory; `drop_path_rate` [2]
-  (traced, one rate per block) overrides the blocks' rates.
-  """
-
-  block: layers.ModuleDef
-  unshifted_attention: layers.ModuleDef
-  shifted_attention: layers.ModuleDef
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False,
-               drop_path_rate: jax.Array | None = None) -> jax.Array:
-    rates = (None, None) if drop_path_rate is None else (drop_path_rate[0], drop_path_rate[1])
-    x = self.block(self.unshifted_attention, name="unshifted")(x, train=train,
-                                                               drop_path_rate=rates[0])
-    return self.block(self.shifted_attention, name="shifted")(x, train=train,
-                                                              drop_path_rate=rates[1])
+    return maybe_roll(x, shift).reshape(batch, tokens, dim)
 
 
 class PatchMerging(nn.Module):
@@ -244,14 +233,16 @@ class SwinTransformer(nn.Module):
     dropout_rate: dropout after the patch embedding, the attention projection and the MLP.
     attention_dropout_rate: dropout on the attention weights.
     drop_path_rate: stochastic depth, rising linearly over all blocks to this value.
-    scan: `nn.scan` over each stage's pairs of blocks (plain, shifted), one pair compiled
-      per stage; every stage depth must then be even. Parameters `stage{s}_blocks/unshifted`
-      and `.../shifted` with a leading [depth / 2] axis (`efficient_vit.scan_layout`).
-    remat: recompute each block's (with scan: each pair's) activations in the backward
-      pass: `none`, `block`, or a `jax.checkpoint_policies` name (`layers.REMATS`).
-    attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`), the
-      `implementation` of `jax.nn.dot_product_attention`, with the relative position bias
-      as its `bias` and the shift regions as its `mask`.
+    scan: one `nn.scan` over each stage's blocks, so that one block per stage is traced
+      and lowered instead of `depth`; whether a block shifts its windows is then a scanned
+      input (the roll runs under `lax.cond`, an unshifted block's mask is all True).
+      Parameters `stage{s}_blocks/...` with a leading [depth] axis
+      (`efficient_vit.scan_layout`).
+    remat: recompute each block's activations in the backward pass: `none`, `block`, or a
+      `jax.checkpoint_policies` name (`layers.REMATS`).
+    attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`): the
+      einsum / softmax program, or cuDNN's fused kernel via `jax.nn.dot_product_attention`,
+      with the relative position bias as its `bias` and the shift regions as its `mask`.
   """
 
   num_classes: int
@@ -316,22 +307,18 @@ class SwinTransformer(nn.Module):
                                 dropout_rate=self.dropout_rate,
                                 norm_epsilon=self.norm_epsilon, dtype=self.dtype)
       if self.scan and depth:
-        if depth % 2:
-          raise ValueError(f"model.scan=True scans each Swin stage over pairs of blocks "
-                           f"(plain, shifted); model.depths={tuple(self.depths)} has "
-                           f"{depth} blocks in stage {stage}; allowed: even depths, or "
-                           "model.scan=False")
         varying = train and self.drop_path_rate > 0.0
 
-        def step(pair, y, pair_rates, varying=varying):
-          return pair(y, train=train, drop_path_rate=pair_rates if varying else None)
+        def step(module, y, per_block, varying=varying):
+          rate, shifted = per_block
+          return module(y, train=train, drop_path_rate=rate if varying else None,
+                        attention_args={"shifted": shifted})
 
-        pair = SwinBlockPair(functools.partial(block, drop_path_rate=0.0),
-                             functools.partial(attention, shift_size=0),
-                             functools.partial(attention, shift_size=shift),
-                             name=f"stage{stage}_blocks")
-        x = layers.scan_blocks(layers.remat_block(step, self.remat, prevent_cse=False), pair,
-                               x, np.asarray(stage_rates).reshape(-1, 2))
+        x = layers.scan_blocks(
+            layers.remat_block(step, self.remat, prevent_cse=False),
+            block(functools.partial(attention, shift_size=shift), drop_path_rate=0.0,
+                  name=f"stage{stage}_blocks"),
+            x, (np.asarray(stage_rates, np.float32), np.arange(depth) % 2 == 1))
       else:
         step = layers.remat_block(lambda module, y: module(y, train=train), self.remat)
         for i in range(depth):
