@@ -6,8 +6,13 @@ the peer's (timm in PyTorch, or the Keras example in Keras 3) are timed in alter
 blocks of `--steps` steps: project, peer, project, peer, ... for `--rounds` rounds, after
 compilation and `--warmup_steps` untimed steps on each side. The peer runs in its own
 Python (`benchmarks/peer_worker.py`), started once per model and kept waiting for its next
-"run N steps" command, so that alternating costs no restart. Printed: a table of
-the models (median img/s of each side over the rounds, and their ratio).
+"run N steps" command, so that alternating costs no restart. Every timed block follows
+`--block_warmup_steps` untimed steps of the same side (default 1): on the 2-core machine
+the project's first step after a timm block ran 1.3-1.5x slower than the next ones (a
+ViT-S/16 step of 3.7 s took 5.8 s; its system time tripled, in the page faults of the
+step's freshly mapped 2.25 GB temporary buffer), which without it charged every project
+block with the peer's after-effects. Printed: a table of the models (median img/s of each
+side over the rounds, and their ratio).
 
 torch, timm and Keras are not dependencies of the project: give the Python of an
 environment that has them. From the repository root:
@@ -152,6 +157,10 @@ _KERAS_PYTHON = flags.DEFINE_string("keras_python", None, "Python of an environm
                                     "Keras 3 and its backend (needed by the Keras row).")
 _KERAS_BACKEND = flags.DEFINE_enum("keras_backend", "tensorflow", ["tensorflow", "jax"],
                                    "Keras 3 backend of the Keras row.")
+_BLOCK_WARMUP_STEPS = flags.DEFINE_integer(
+    "block_warmup_steps", 1, "Untimed steps before every timed block, on each side: the "
+    "first step after the other program ran is slower on a 2-core machine (see the "
+    "docstring), and what is compared is each side's steady state.")
 _ROUNDS_JSON = flags.DEFINE_string("rounds_json", None,
                                    "Also write every round's figures to this JSON file.")
 
@@ -164,11 +173,12 @@ class Plan:
   warmup_steps: int
   batch_size: int | None
   pythons: dict[str, str]  # peer -> its Python
+  block_warmup_steps: int = 1
 
 
 def make_plan(models: list[str], rounds: int, steps: int, warmup_steps: int,
               batch_size: int | None, timm_python: str | None,
-              keras_python: str | None) -> Plan:
+              keras_python: str | None, block_warmup_steps: int = 1) -> Plan:
   """Checks the command line before anything is built or started."""
   unknown = [m for m in models if m not in COMPARISONS]
   if not models or unknown:
@@ -182,6 +192,8 @@ def make_plan(models: list[str], rounds: int, steps: int, warmup_steps: int,
     raise ValueError(f"--steps={steps}; allowed: 1 or more")
   if warmup_steps < 0:
     raise ValueError(f"--warmup_steps={warmup_steps}; allowed: 0 or more")
+  if block_warmup_steps < 0:
+    raise ValueError(f"--block_warmup_steps={block_warmup_steps}; allowed: 0 or more")
   if batch_size is not None and batch_size < 1:
     raise ValueError(f"--batch_size={batch_size}; allowed: a positive batch, or unset for "
                      "each comparison's own")
@@ -199,7 +211,8 @@ def make_plan(models: list[str], rounds: int, steps: int, warmup_steps: int,
       raise ValueError(f"--{flag}={python}; allowed: an executable Python file (the rows "
                        f"{rows} run in it)")
     pythons[peer] = python
-  return Plan(comparisons, rounds, steps, warmup_steps, batch_size, pythons)
+  return Plan(comparisons, rounds, steps, warmup_steps, batch_size, pythons,
+              block_warmup_steps)
 
 
 def schedule(sides: list[str], rounds: int) -> list[tuple[int, str]]:
@@ -208,12 +221,15 @@ def schedule(sides: list[str], rounds: int) -> list[tuple[int, str]]:
   return [(r, side) for r in range(rounds) for side in sides]
 
 
-def alternate(runners: dict[str, Callable[[int], float]], rounds: int,
-              steps: int) -> dict[str, list[float]]:
-  """Runs `steps` steps of each runner in the order of `schedule`; the seconds of each
-  block, per runner, in round order."""
+def alternate(runners: dict[str, Callable[[int], float]], rounds: int, steps: int,
+              block_warmup_steps: int = 0) -> dict[str, list[float]]:
+  """Runs `steps` steps of each runner in the order of `schedule`, each block after
+  `block_warmup_steps` untimed steps of the same runner; the seconds of each timed block,
+  per runner, in round order."""
   seconds = {side: [] for side in runners}
   for _, side in schedule(list(runners), rounds):
+    if block_warmup_steps:
+      runners[side](block_warmup_steps)
     seconds[side].append(float(runners[side](steps)))
   return seconds
 
@@ -329,7 +345,7 @@ def compare(comparison: Comparison, plan: Plan, threads: int, keras_backend: str
         f"{plan.rounds} rounds of {plan.steps} steps")
     seconds = alternate({"project": project.run,
                          "peer": lambda n: peer.call(op="run", steps=n)["seconds"]},
-                        plan.rounds, plan.steps)
+                        plan.rounds, plan.steps, plan.block_warmup_steps)
   finally:
     peer.close()
   summary = summarize(seconds, plan.steps, config.batch_size)
@@ -351,7 +367,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     plan = make_plan(_MODELS.value, _ROUNDS.value, FLAGS.steps, FLAGS.warmup_steps,
-                     FLAGS.batch_size, _TIMM_PYTHON.value, _KERAS_PYTHON.value)
+                     FLAGS.batch_size, _TIMM_PYTHON.value, _KERAS_PYTHON.value,
+                     _BLOCK_WARMUP_STEPS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   threads = len(os.sched_getaffinity(0))
@@ -364,7 +381,8 @@ def main(argv):
     os.makedirs(os.path.dirname(os.path.abspath(_ROUNDS_JSON.value)), exist_ok=True)
     with open(_ROUNDS_JSON.value, "w", encoding="utf-8") as f:
       json.dump({"rounds": plan.rounds, "steps": plan.steps, "warmup_steps":
-                 plan.warmup_steps, "threads": threads, "rows": rows}, f, indent=1)
+                 plan.warmup_steps, "block_warmup_steps": plan.block_warmup_steps,
+                 "threads": threads, "rows": rows}, f, indent=1)
   print(f"Train step, float32, {threads} CPU threads on each side; median of {plan.rounds} "
         f"alternating rounds of {plan.steps} steps:\n")
   print(format_table(rows))

@@ -38,6 +38,7 @@ def test_plan_accepts_a_valid_command_line():
     (dict(rounds=0), "--rounds=0; allowed: 1 or more"),
     (dict(steps=0), "--steps=0; allowed: 1 or more"),
     (dict(warmup_steps=-1), "--warmup_steps=-1; allowed: 0 or more"),
+    (dict(block_warmup_steps=-1), "--block_warmup_steps=-1; allowed: 0 or more"),
     (dict(batch_size=0), "--batch_size=0; allowed: a positive batch"),
     (dict(models=["swin_t", "cct"]), "--timm_python is not set; the rows swin_t need"),
     (dict(keras_python=None), "--keras_python is not set; the rows cct need"),
@@ -73,6 +74,13 @@ def test_blocks_alternate_project_then_peer_every_round():
                              "peer": runner("peer", [0.5, 0.25, 1.0])}, rounds=3, steps=7)
   assert calls == [("project", 7), ("peer", 7)] * 3
   assert seconds == {"project": [1.0, 2.0, 4.0], "peer": [0.5, 0.25, 1.0]}
+  # With untimed steps before every block: they run first and are not timed.
+  calls.clear()
+  warm = peers.alternate({"project": runner("project", [9.0, 1.0, 9.0, 2.0]),
+                          "peer": runner("peer", [9.0, 0.5, 9.0, 0.25])}, rounds=2, steps=7,
+                         block_warmup_steps=1)
+  assert calls == [("project", 1), ("project", 7), ("peer", 1), ("peer", 7)] * 2
+  assert warm == {"project": [1.0, 2.0], "peer": [0.5, 0.25]}
   summary = peers.summarize(seconds, steps=7, batch_size=4)
   # 28 images per block: medians 14 img/s (project) and 56 img/s (peer).
   assert summary["img_per_s"]["project"] == [28.0, 14.0, 7.0]

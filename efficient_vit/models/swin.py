@@ -237,7 +237,10 @@ class SwinTransformer(nn.Module):
       and lowered instead of `depth`; whether a block shifts its windows is then a scanned
       input (the roll runs under `lax.cond`, an unshifted block's mask is all True).
       Parameters `stage{s}_blocks/...` with a leading [depth] axis
-      (`efficient_vit.scan_layout`).
+      (`efficient_vit.scan_layout`). It shrinks the program, not XLA's CPU compile time
+      (Swin-T, batch 16: 20.8 s without, 22.3 s with, on a 2-core CPU): that time goes
+      into code for each distinct fused kernel, which the unscanned blocks of a stage
+      already share, and the four stages differ in shape.
     remat: recompute each block's activations in the backward pass: `none`, `block`, or a
       `jax.checkpoint_policies` name (`layers.REMATS`).
     attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`): the
