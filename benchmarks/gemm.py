@@ -140,7 +140,7 @@ def main(argv):
     print(f"round {r + 1}/{FLAGS.rounds} done", file=sys.stderr)
   print(f"{FLAGS.model} Linear layers, batch {FLAGS.batch_size}, float32, {threads} threads, "
         f"median of {FLAGS.rounds} rounds x {FLAGS.reps} products")
-  print(f"| product | m x k x n | JAX (XLA) GFLOP/s | torch GFLOP/s | JAX / torch |")
+  print("| product | m x k x n | JAX (XLA) GFLOP/s | torch GFLOP/s | JAX / torch |")
   print("| --- | --- | --- | --- | --- |")
   total = {"jax": 0.0, "torch": 0.0}
   for name, m, k, n in spec["products"]:

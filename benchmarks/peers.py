@@ -173,7 +173,7 @@ class Plan:
   warmup_steps: int
   batch_size: int | None
   pythons: dict[str, str]  # peer -> its Python
-  block_warmup_steps: int = 1
+  block_warmup_steps: int
 
 
 def make_plan(models: list[str], rounds: int, steps: int, warmup_steps: int,

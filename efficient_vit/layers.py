@@ -335,10 +335,6 @@ def _project(x: jax.Array, params: Sequence[tuple[jax.Array, jax.Array | None]],
   """x [batch, n, d] against each (kernel [d, heads, head_dim], bias) in one matmul:
   a [batch, heads, n, head_dim] (`layout='bhnk'`) or [batch, n, heads, head_dim] ('bnhk')
   array per projection."""
-  if len(params) == 1:
-    kernel, bias = params[0]
-    y = jnp.einsum(f"bnd,dhk->{layout}", x, kernel)
-    return [y if bias is None else y + (bias[:, None] if layout == "bhnk" else bias)]
   kernels = jnp.stack([kernel for kernel, _ in params])     # [p, d, heads, head_dim]
   y = jnp.einsum(f"bnd,pdhk->p{layout}", x, kernels)
   if params[0][1] is not None:
