@@ -11,8 +11,11 @@ Python (`benchmarks/peer_worker.py`), started once per model and kept waiting fo
 the project's first step after a timm block ran 1.3-1.5x slower than the next ones (a
 ViT-S/16 step of 3.7 s took 5.8 s; its system time tripled, in the page faults of the
 step's freshly mapped 2.25 GB temporary buffer), which without it charged every project
-block with the peer's after-effects. Printed: a table of the models (median img/s of each
-side over the rounds, and their ratio).
+block with the peer's after-effects. The project's process keeps freed host memory for
+reuse, as `launch.py` does (`--retain_host_memory`, default on: `efficient_vit/host_memory.py`);
+its step stops page-faulting after about four steps, hence `--warmup_steps=4` below.
+Printed: a table of the models (median img/s of each side over the rounds, and their
+ratio).
 
 torch, timm and Keras are not dependencies of the project: give the Python of an
 environment that has them. From the repository root:
@@ -23,7 +26,7 @@ environment that has them. From the repository root:
     VIRTUAL_ENV=.peers/keras nice uv pip install keras==3.15.1 tensorflow-cpu==2.21.0
 
     uv run python -m benchmarks.peers --timm_python=.peers/timm/bin/python \
-        --keras_python=.peers/keras/bin/python --rounds=5 --steps=5 \
+        --keras_python=.peers/keras/bin/python --rounds=5 --steps=5 --warmup_steps=4 \
         --rounds_json=runs/peers.json
 
 `--models=vit_s16,cct` picks models (default: all of `COMPARISONS`); `--batch_size`
@@ -365,6 +368,7 @@ def compare(comparison: Comparison, plan: Plan, threads: int, keras_backend: str
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  retained = benchmark.retain_host_memory()
   try:
     plan = make_plan(_MODELS.value, _ROUNDS.value, FLAGS.steps, FLAGS.warmup_steps,
                      FLAGS.batch_size, _TIMM_PYTHON.value, _KERAS_PYTHON.value,
@@ -382,7 +386,8 @@ def main(argv):
     with open(_ROUNDS_JSON.value, "w", encoding="utf-8") as f:
       json.dump({"rounds": plan.rounds, "steps": plan.steps, "warmup_steps":
                  plan.warmup_steps, "block_warmup_steps": plan.block_warmup_steps,
-                 "threads": threads, "rows": rows}, f, indent=1)
+                 "threads": threads, "retain_host_memory": retained, "rows": rows}, f,
+                indent=1)
   print(f"Train step, float32, {threads} CPU threads on each side; median of {plan.rounds} "
         f"alternating rounds of {plan.steps} steps:\n")
   print(format_table(rows))

@@ -93,6 +93,9 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of on
 _INPUT = flags.DEFINE_enum("input", "both", ["both", "fixed"], "both: also time the train "
                            "step fed by the real input pipeline (needs the dataset); fixed: "
                            "only the fixed on-device batch.")
+_RETAIN_HOST_MEMORY = flags.DEFINE_bool(
+    "retain_host_memory", True, "glibc: keep freed host memory for reuse, as launch.py "
+    "does (efficient_vit/host_memory.py); --noretain_host_memory measures glibc's default.")
 _SWEEP = flags.DEFINE_enum("sweep", None, ["tokens"], "Run a sweep instead of one config.")
 _FAMILIES = flags.DEFINE_list("families", None, "Sweep families (default: all of "
                               "token_sweep.SWEEP_FAMILIES).")
@@ -353,9 +356,17 @@ def benchmark_config(config, *, config_name: str = "", steps: int = 10, warmup_s
   }
 
 
+def retain_host_memory() -> bool:
+  """Applies `--retain_host_memory` (call first in `main`); returns whether it took effect."""
+  from efficient_vit import host_memory
+
+  return _RETAIN_HOST_MEMORY.value and host_memory.retain_freed_memory()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  retained = retain_host_memory()
   if _SWEEP.value == "tokens":
     from efficient_vit import token_sweep
 
@@ -382,6 +393,7 @@ def main(argv):
                               input_mode=_INPUT.value, peak_tflops=_PEAK_TFLOPS.value)
   except MemoryError as e:
     raise SystemExit(f"benchmark: {e}") from None
+  record["retain_host_memory"] = retained
   print(json.dumps(record), flush=True)
 
 
