@@ -368,13 +368,13 @@ def compare(comparison: Comparison, plan: Plan, threads: int, keras_backend: str
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  retained = benchmark.retain_host_memory()
   try:
     plan = make_plan(_MODELS.value, _ROUNDS.value, FLAGS.steps, FLAGS.warmup_steps,
                      FLAGS.batch_size, _TIMM_PYTHON.value, _KERAS_PYTHON.value,
                      _BLOCK_WARMUP_STEPS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  retained = benchmark.retain_host_memory()  # Before JAX starts its threads.
   threads = len(os.sched_getaffinity(0))
   log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
   rows = []
@@ -388,8 +388,9 @@ def main(argv):
                  plan.warmup_steps, "block_warmup_steps": plan.block_warmup_steps,
                  "threads": threads, "retain_host_memory": retained, "rows": rows}, f,
                 indent=1)
-  print(f"Train step, float32, {threads} CPU threads on each side; median of {plan.rounds} "
-        f"alternating rounds of {plan.steps} steps:\n")
+  memory = ", the project's freed host memory retained" if retained else ""
+  print(f"Train step, float32, {threads} CPU threads on each side{memory}; median of "
+        f"{plan.rounds} alternating rounds of {plan.steps} steps:\n")
   print(format_table(rows))
   for row in rows:
     if row["note"]:
