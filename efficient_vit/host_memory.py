@@ -19,8 +19,10 @@ about twice the step's temporaries: small allocations made between two steps spl
 freed buffer, the next step's no longer fits in it and the heap grows by another, until
 two such regions alternate (a few steps in). ViT-S/16 at batch 16 on CPU: peak resident
 memory 8.1 GB against 3.9 GB, steps of 3.4-3.6 s against 4.5-5.9 s once settled, no page
-faults. Where host memory is tight, launch.py's `--noretain_host_memory` keeps glibc's
-default. Measured figures: `benchmarks/PROFILE.md`.
+faults. Compilation gets slower (the compiler's threads contend for the one arena:
+ViT-S/16's train step 9.3-10.7 s against 8.1-8.5 s), which a run of more than a few
+dozen steps pays back. Where host memory is tight, or a process only compiles, launch.py's
+`--noretain_host_memory` keeps glibc's default. Measured figures: `benchmarks/PROFILE.md`.
 
 M_ARENA_MAX reaches only threads that have not allocated yet, so call it first thing in
 `main`, before JAX or TensorFlow start their thread pools. It changes no result, only
