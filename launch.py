@@ -15,6 +15,8 @@ with --distributed; elsewhere give the coordinator explicitly on each process:
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from efficient_vit import host_memory  # Its --retain_host_memory flag.
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file, optionally with a preset: configs/vit.py:tiny_cifar10.",
     lock_config=True)
@@ -28,10 +30,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes take part.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to "
                                    "num_processes - 1.")
-_RETAIN_HOST_MEMORY = flags.DEFINE_bool(
-    "retain_host_memory", True, "glibc: keep freed host memory for reuse, so that a CPU "
-    "step does not map and fault in its temporaries afresh every step "
-    "(efficient_vit/host_memory.py).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -57,10 +55,7 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _RETAIN_HOST_MEMORY.value:  # Before JAX and TensorFlow start their threads.
-    from efficient_vit import host_memory
-
-    host_memory.retain_freed_memory()
+  host_memory.retain_if_flagged()  # Before JAX and TensorFlow start their threads.
   if not flags.FLAGS["verbosity"].present:  # Library INFO logs (Orbax's) drown the progress bar.
     logging.set_verbosity(logging.WARNING)
   import jax  # After flag parsing, so that --help stays fast.

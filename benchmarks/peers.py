@@ -58,7 +58,7 @@ from absl import app, flags
 # Its flags --steps (train steps in each timed block), --warmup_steps (untimed steps after
 # compilation, on each side) and --batch_size (every model's batch; default: each
 # comparison's own) are this script's too.
-from efficient_vit import benchmark
+from efficient_vit import benchmark, host_memory
 
 FLAGS = flags.FLAGS
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_worker.py")
@@ -181,7 +181,7 @@ class Plan:
 
 def make_plan(models: list[str], rounds: int, steps: int, warmup_steps: int,
               batch_size: int | None, timm_python: str | None,
-              keras_python: str | None, block_warmup_steps: int = 1) -> Plan:
+              keras_python: str | None, block_warmup_steps: int) -> Plan:
   """Checks the command line before anything is built or started."""
   unknown = [m for m in models if m not in COMPARISONS]
   if not models or unknown:
@@ -374,7 +374,7 @@ def main(argv):
                      _BLOCK_WARMUP_STEPS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  retained = benchmark.retain_host_memory()  # Before JAX starts its threads.
+  retained = host_memory.retain_if_flagged()  # Before JAX starts its threads.
   threads = len(os.sched_getaffinity(0))
   log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
   rows = []

@@ -28,7 +28,7 @@ import tempfile
 from absl import app, flags
 
 from benchmarks import peers
-from efficient_vit import benchmark
+from efficient_vit import host_memory
 
 FLAGS = flags.FLAGS  # --steps, --warmup_steps, --batch_size: efficient_vit.benchmark's.
 _MODEL = flags.DEFINE_enum("model", "vit_s16", list(peers.COMPARISONS), "Row of "
@@ -88,7 +88,7 @@ def op_times(trace_dir: str, hlo_text: str) -> tuple[collections.Counter, collec
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  benchmark.retain_host_memory()
+  host_memory.retain_if_flagged()
   import jax
 
   comparison = peers.COMPARISONS[_MODEL.value]

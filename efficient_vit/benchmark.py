@@ -60,6 +60,8 @@ from typing import Callable, Iterator
 from absl import app, flags
 from ml_collections import config_flags
 
+from efficient_vit import host_memory  # Its --retain_host_memory flag (as launch.py's).
+
 # Dense peak TFLOP/s per device, by activation dtype; the first entry whose key is a
 # substring of the lower-cased `device_kind` wins (so the more specific names come first).
 PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
@@ -93,9 +95,6 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of on
 _INPUT = flags.DEFINE_enum("input", "both", ["both", "fixed"], "both: also time the train "
                            "step fed by the real input pipeline (needs the dataset); fixed: "
                            "only the fixed on-device batch.")
-_RETAIN_HOST_MEMORY = flags.DEFINE_bool(
-    "retain_host_memory", True, "glibc: keep freed host memory for reuse, as launch.py "
-    "does (efficient_vit/host_memory.py); --noretain_host_memory measures glibc's default.")
 _SWEEP = flags.DEFINE_enum("sweep", None, ["tokens"], "Run a sweep instead of one config.")
 _FAMILIES = flags.DEFINE_list("families", None, "Sweep families (default: all of "
                               "token_sweep.SWEEP_FAMILIES).")
@@ -356,17 +355,10 @@ def benchmark_config(config, *, config_name: str = "", steps: int = 10, warmup_s
   }
 
 
-def retain_host_memory() -> bool:
-  """Applies `--retain_host_memory` (call first in `main`); returns whether it took effect."""
-  from efficient_vit import host_memory
-
-  return _RETAIN_HOST_MEMORY.value and host_memory.retain_freed_memory()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  retained = retain_host_memory()
+  retained = host_memory.retain_if_flagged()
   if _SWEEP.value == "tokens":
     from efficient_vit import token_sweep
 

@@ -22,7 +22,8 @@ memory 8.1 GB against 3.9 GB, steps of 3.4-3.6 s against 4.5-5.9 s once settled,
 faults. Compilation gets slower (the compiler's threads contend for the one arena:
 ViT-S/16's train step 9.3-10.7 s against 8.1-8.5 s), which a run of more than a few
 dozen steps pays back. Where host memory is tight, or a process only compiles, launch.py's
-`--noretain_host_memory` keeps glibc's default. Measured figures: `benchmarks/PROFILE.md`.
+`--noretain_host_memory` keeps glibc's default (the flag is defined here, for every entry
+point that imports this module). Measured figures: `benchmarks/PROFILE.md`.
 
 M_ARENA_MAX reaches only threads that have not allocated yet, so call it first thing in
 `main`, before JAX or TensorFlow start their thread pools. It changes no result, only
@@ -33,6 +34,12 @@ from __future__ import annotations
 
 import ctypes
 
+from absl import flags
+
+_RETAIN_HOST_MEMORY = flags.DEFINE_bool(
+    "retain_host_memory", True, "glibc: keep freed host memory for reuse, so that a CPU "
+    "step does not map and fault in its temporaries afresh every step "
+    "(efficient_vit/host_memory.py); --noretain_host_memory keeps glibc's default.")
 # <malloc.h>'s parameter numbers.
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -60,3 +67,9 @@ def retain_freed_memory() -> bool:
       raise OSError(f"mallopt({parameter}, {value}) was refused by glibc "
                     f"{libc.gnu_get_libc_version().decode()}")
   return True
+
+
+def retain_if_flagged() -> bool:
+  """`retain_freed_memory` unless `--noretain_host_memory` was given: the first call of
+  every `main` that runs train steps. Returns whether the settings took effect."""
+  return _RETAIN_HOST_MEMORY.value and retain_freed_memory()

@@ -16,7 +16,7 @@ from benchmarks import peers
 
 def plan(**overrides):
   args = dict(models=["cct"], rounds=3, steps=2, warmup_steps=1, batch_size=None,
-              timm_python=None, keras_python=sys.executable)
+              timm_python=None, keras_python=sys.executable, block_warmup_steps=1)
   args.update(overrides)
   return peers.make_plan(**args)
 
