@@ -14,16 +14,18 @@ of glibc's `mallopt` parameters so that the buffer stays in the process:
   M_MMAP_MAX = 0          no allocation is served by `mmap`
   M_TRIM_THRESHOLD = -1   freed memory at the top of the heap is never given back
 
-The cost is host memory. The process's resident memory never shrinks, and it can reach
-about twice the step's temporaries: small allocations made between two steps split the
-freed buffer, the next step's no longer fits in it and the heap grows by another, until
-two such regions alternate (a few steps in). ViT-S/16 at batch 16 on CPU: peak resident
-memory 8.1 GB against 3.9 GB, steps of 3.4-3.6 s against 4.5-5.9 s once settled, no page
-faults. Compilation gets slower (the compiler's threads contend for the one arena:
-ViT-S/16's train step 9.3-10.7 s against 8.1-8.5 s), which a run of more than a few
-dozen steps pays back. Where host memory is tight, or a process only compiles, launch.py's
-`--noretain_host_memory` keeps glibc's default (the flag is defined here, for every entry
-point that imports this module). Measured figures: `benchmarks/PROFILE.md`.
+The cost is host memory, and it is not bounded. The process's resident memory never
+shrinks, and it grows by the step's temporaries whenever small allocations made between two
+steps split the freed buffer so that the next step's no longer fits in it. ViT-S/16 at
+batch 16 settled at 8.1 GB (3.9 GB without) a few steps in; MobileViT-XXS at batch 16
+(2.47 GB of temporaries) stayed at 4.5 GB for 14 steps in one process but grew in others:
+7.0 GB after 8 steps and 11.9 GB after 17; 11.9 GB after 8, 14.4 GB after 11 and 16.9 GB
+after 32; two such processes side by side were killed for memory on a 24 GB machine. Compilation gets slower too (the compiler's threads contend for
+the one arena: ViT-S/16's train step 9.3-10.7 s against 8.1-8.5 s). So it is off unless
+asked for: `--retain_host_memory` (launch.py, the benchmarks; the flag is defined here, for
+every entry point that imports this module) where the host has memory to spare and the
+page faults cost much (ViT-S/16 steps of 3.4-3.6 s against 4.5-5.9 s on a 2-core AMD EPYC,
+no page faults). Measured figures: `benchmarks/PROFILE.md`.
 
 M_ARENA_MAX reaches only threads that have not allocated yet, so call it first thing in
 `main`, before JAX or TensorFlow start their thread pools. It changes no result, only
@@ -37,9 +39,10 @@ import ctypes
 from absl import flags
 
 _RETAIN_HOST_MEMORY = flags.DEFINE_bool(
-    "retain_host_memory", True, "glibc: keep freed host memory for reuse, so that a CPU "
-    "step does not map and fault in its temporaries afresh every step "
-    "(efficient_vit/host_memory.py); --noretain_host_memory keeps glibc's default.")
+    "retain_host_memory", False, "glibc: keep freed host memory for reuse, so that a CPU "
+    "step does not map and fault in its temporaries afresh every step; resident memory "
+    "then only grows, by up to several times the step's temporaries "
+    "(efficient_vit/host_memory.py).")
 # <malloc.h>'s parameter numbers.
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -70,6 +73,6 @@ def retain_freed_memory() -> bool:
 
 
 def retain_if_flagged() -> bool:
-  """`retain_freed_memory` unless `--noretain_host_memory` was given: the first call of
-  every `main` that runs train steps. Returns whether the settings took effect."""
+  """`retain_freed_memory` if `--retain_host_memory` was given: the first call of every
+  `main` that runs train steps. Returns whether the settings took effect."""
   return _RETAIN_HOST_MEMORY.value and retain_freed_memory()
