@@ -11,9 +11,10 @@ Python (`benchmarks/peer_worker.py`), started once per model and kept waiting fo
 the project's first step after a timm block ran 1.3-1.5x slower than the next ones (a
 ViT-S/16 step of 3.7 s took 5.8 s; its system time tripled, in the page faults of the
 step's freshly mapped 2.25 GB temporary buffer), which without it charged every project
-block with the peer's after-effects. The project's process keeps freed host memory for
-reuse, as `launch.py` does (`--retain_host_memory`, default on: `efficient_vit/host_memory.py`);
-its step stops page-faulting after about four steps, hence `--warmup_steps=4` below.
+block with the peer's after-effects. With `--retain_host_memory` (off by default, as in
+`launch.py`: `efficient_vit/host_memory.py`) the project's process keeps freed host memory
+for reuse and its step stops page-faulting after about four steps, hence
+`--warmup_steps=4` below.
 Printed: a table of the models (median img/s of each side over the rounds, and their
 ratio).
 
@@ -146,7 +147,11 @@ COMPARISONS = {
                          "swin_tiny_patch4_window7_224"),
     "mobilevit_xxs": Comparison(
         "MobileViT-XXS at 256", "mobilevit", "xxs", 16, 1000, "timm", "mobilevit_xxs",
-        note="timm's create_model takes no transformer dropout (the project's 0.1 stays)"),
+        # timm's MobileViT blocks have no dropout (create_model sets only the head's:
+        # every transformer Dropout of its model has p=0.0); the preset's 0.1 inside the
+        # transformers would be work timm does not do.
+        overrides=(("dropout_rate", 0.0),),
+        note="project without transformer dropout, as timm"),
     "cct": Comparison("CCT seed config (configs/cct.py) at 32", "cct", None, 128, 10, "keras",
                       "keras-io examples/vision/cct.py"),
 }

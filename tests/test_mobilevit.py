@@ -13,8 +13,9 @@ import pytest
 from configs import mobilevit as mobilevit_config
 from efficient_vit import cost, optim
 from efficient_vit.models import build_model
-from efficient_vit.models.mobilevit import (DepthwiseConv, InvertedResidual, MobileViT, fold,
-                                            unfold)
+from efficient_vit.models.mobilevit import (BatchNorm, DepthwiseConv, InvertedResidual,
+                                            MobileViT, batch_norm, conv_pads, depthwise_conv,
+                                            fold, unfold)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_DIR = os.path.join(ROOT, "..", "shared", "tensorflow_datasets")
@@ -115,6 +116,87 @@ def test_depthwise_conv_equals_a_grouped_convolution(side, strides, kernel_size)
       x, kernel, (strides, strides), ((pad, pad), (pad, pad)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=3)
   np.testing.assert_allclose(apply(module, variables, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side,strides,kernel_size,padding", [
+    (8, 1, 3, "symmetric"), (8, 2, 3, "symmetric"), (9, 2, 3, "symmetric"),
+    (8, 2, 3, "same"), (9, 2, 3, "same"), (7, 1, 5, "symmetric"), (10, 2, 5, "same")])
+def test_depthwise_conv_gradients_equal_the_grouped_convolutions(side, strides, kernel_size,
+                                                                 padding):
+  """`depthwise_conv`'s written-out gradient against autodiff of lax's grouped convolution,
+  odd and even maps, both paddings (TensorFlow's same pads asymmetrically)."""
+  rng = np.random.default_rng(side + strides + kernel_size)
+  c = 4
+  x = jnp.asarray(rng.normal(size=(2, side, side, c)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, c)), jnp.float32)
+  pads = (conv_pads(side, kernel_size, strides, padding),) * 2
+
+  def grouped(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel[:, :, None], (strides, strides), pads,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+
+  out_shape = jax.eval_shape(grouped, x, kernel).shape
+  g = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+  ours = jax.vjp(lambda x, k: depthwise_conv(x, k, strides, pads), x, kernel)
+  theirs = jax.vjp(grouped, x, kernel)
+  np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+  for got, want in zip(ours[1](g), theirs[1](g)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_batch_norm_equals_flax_batch_norm_with_gradients_and_statistics():
+  """The project's BatchNorm (a written-out gradient) against flax's `nn.BatchNorm`: the
+  same variables, outputs, gradients of the input and the parameters, running statistics
+  after a training pass, and eval outputs."""
+  import flax.linen as nn
+
+  rng = np.random.default_rng(0)
+  # Channels with a mean far from 0 and unequal scales: what cancellation would hurt.
+  x = jnp.asarray(rng.normal(size=(4, 5, 5, 6)) * rng.uniform(0.5, 3.0, 6)
+                  + rng.uniform(-4.0, 4.0, 6), jnp.float32)
+  ours = BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+  theirs = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+  variables = theirs.init(jax.random.key(0), x)
+  assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+  variables = {"params": {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 6), jnp.float32),
+                          "bias": jnp.asarray(rng.normal(size=6), jnp.float32)},
+               "batch_stats": {"mean": jnp.asarray(rng.normal(size=6), jnp.float32),
+                               "var": jnp.asarray(rng.uniform(0.5, 2.0, 6), jnp.float32)}}
+  g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  def train_pass(module, params, x):
+    y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+    return jnp.sum(y * g), (y, updates["batch_stats"])
+
+  results = [jax.value_and_grad(functools.partial(train_pass, module), argnums=(0, 1),
+                                has_aux=True)(variables["params"], x)
+             for module in (ours, theirs)]
+  (_, (y, stats)), grads = results[0]
+  (_, (y_flax, stats_flax)), grads_flax = results[1]
+  np.testing.assert_allclose(y, y_flax, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               stats, stats_flax)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               grads, grads_flax)
+  assert float(jnp.abs(grads[1]).max()) > 1e-2  # Not a vanishing gradient.
+  evals = [module.copy(use_running_average=True).apply(variables, x)
+           for module in (ours, theirs)]
+  np.testing.assert_allclose(evals[0], evals[1], rtol=1e-5, atol=1e-5)
+  # The statistics' own cotangents (zero above: batch_stats are not differentiated) against
+  # autodiff of the same arithmetic.
+  scale, bias = variables["params"]["scale"], variables["params"]["bias"]
+  cotangents = (g, jnp.asarray(rng.normal(size=6), jnp.float32),
+                jnp.asarray(rng.normal(size=6), jnp.float32))
+
+  def derived(x, scale, bias):
+    mean = jnp.mean(x, (0, 1, 2))
+    var = jnp.mean(jnp.square(x), (0, 1, 2)) - jnp.square(mean)
+    return (x - mean) * (scale * jax.lax.rsqrt(var + 1e-5)) + bias, mean, var
+
+  for got, want in zip(jax.vjp(lambda *a: batch_norm(*a, 1e-5), x, scale, bias)[1](cotangents),
+                       jax.vjp(derived, x, scale, bias)[1](cotangents)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("in_channels,out_channels,strides,residual",

@@ -107,14 +107,83 @@ def conv_pads(size: int, kernel_size: int, strides: int, padding: str) -> tuple[
   return kernel_size // 2, kernel_size // 2
 
 
+def _windows(x: jax.Array, k: int, s: int, out_h: int, out_w: int):
+  """The k * k strided windows of a padded map, row major: [b, out_h, out_w, c] each.
+
+  lax slices, not x[:, a:b:s]: with a symbolic batch (export) strided indexing becomes a
+  gather that the TFLite converter rejects."""
+  for i in range(k):
+    rows = jax.lax.slice_in_dim(x, i, i + s * (out_h - 1) + 1, s, axis=1)
+    for j in range(k):
+      yield jax.lax.slice_in_dim(rows, j, j + s * (out_w - 1) + 1, s, axis=2)
+
+
+def _depthwise(x, kernel, strides, pads):
+  k = kernel.shape[0]
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  out_h, out_w = (xp.shape[1] - k) // strides + 1, (xp.shape[2] - k) // strides + 1
+  taps = kernel.reshape(k * k, -1)
+  out = 0
+  for tap, window in zip(taps, _windows(xp, k, strides, out_h, out_w)):
+    out = out + window * tap
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: int,
+                   pads: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """x [batch, H, W, C] (*) kernel [k, k, C], zero padding `pads` ((top, bottom), (left,
+  right)) -> [batch, H', W', C], as k * k shifted multiply-adds.
+
+  The gradient is written out (a custom VJP) rather than derived: the input's is the
+  transposed convolution as k * k shifted multiply-adds over the (stride-dilated) output
+  gradient, the kernel's one reduction per tap; only `x` is kept for the backward pass,
+  where autodiff would keep the k * k windows.
+  """
+  return _depthwise(x, kernel, strides, pads)
+
+
+def _depthwise_fwd(x, kernel, strides, pads):
+  return _depthwise(x, kernel, strides, pads), (x, kernel)
+
+
+def _depthwise_bwd(strides, pads, residuals, g):
+  x, kernel = residuals
+  k, s = kernel.shape[0], strides
+  _, h, w, _ = x.shape
+  (top, _), (left, _) = pads
+  out_h, out_w = g.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  zero = jnp.zeros((), g.dtype)
+  span_h, span_w = s * (out_h - 1) + 1, s * (out_w - 1) + 1  # g dilated by the stride
+  # dkernel[i, j] = sum(x_padded * g dilated and placed at (i, j)): one reduction per tap
+  # over the padded map (measured faster on CPU than reducing strided windows of it).
+  dkernel = jnp.stack([
+      jnp.sum(xp * jax.lax.pad(g, zero, ((0, 0, 0), (i, xp.shape[1] - i - span_h, s - 1),
+                                         (j, xp.shape[2] - j - span_w, s - 1), (0, 0, 0))),
+              axis=(0, 1, 2)) for i in range(k) for j in range(k)]).reshape(kernel.shape)
+  # dx[y] = sum_i g_dilated[y + top - i] kernel[i]: the dilated gradient, padded so that a
+  # stride-1 correlation with the flipped kernel lands on x's h x w positions.
+  gp = jax.lax.pad(g, zero, ((0, 0, 0), (k - 1 - top, h + top - span_h, s - 1),
+                    (k - 1 - left, w + left - span_w, s - 1), (0, 0, 0)))
+  flipped = kernel[::-1, ::-1].reshape(k * k, -1)
+  dx = 0
+  for tap, window in zip(flipped, _windows(gp, k, 1, h, w)):
+    dx = dx + window * tap
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 class DepthwiseConv(nn.Module):
   """k x k depthwise convolution. [batch, H, W, C] -> [batch, H/s, W/s, C].
 
   Zero padding by `conv_pads` (`padding`: symmetric, k // 2 per side, or TensorFlow's same).
 
   The kernel [k, k, 1, C] has the layout of flax's grouped `nn.Conv`, and the result is the
-  same; it is computed as k * k shifted multiply-adds because XLA's CPU grouped convolution
-  (and even more its gradient) measured 4-10x slower than that on these shapes.
+  same; it is computed by `depthwise_conv` because XLA's CPU grouped convolution (and even
+  more its gradient) measured 4-10x slower on these shapes.
   """
 
   kernel_size: int = 3
@@ -127,18 +196,87 @@ class DepthwiseConv(nn.Module):
     k, s = self.kernel_size, self.strides
     _, h, w, c = x.shape
     kernel = self.param("kernel", conv_init, (k, k, 1, c)).astype(self.dtype)
-    pad_h, pad_w = conv_pads(h, k, s, self.padding), conv_pads(w, k, s, self.padding)
-    x = jnp.pad(x.astype(self.dtype), ((0, 0), pad_h, pad_w, (0, 0)))
-    out_h, out_w = (h + sum(pad_h) - k) // s + 1, (w + sum(pad_w) - k) // s + 1
-    out = 0
-    for i in range(k):
-      for j in range(k):
-        # lax slices, not x[:, a:b:s]: with a symbolic batch (export) strided indexing
-        # becomes a gather that the TFLite converter rejects.
-        window = jax.lax.slice_in_dim(x, i, i + s * (out_h - 1) + 1, s, axis=1)
-        window = jax.lax.slice_in_dim(window, j, j + s * (out_w - 1) + 1, s, axis=2)
-        out = out + window * kernel[i, j, 0]
-    return out
+    pads = (conv_pads(h, k, s, self.padding), conv_pads(w, k, s, self.padding))
+    return depthwise_conv(x.astype(self.dtype), kernel[:, :, 0], s, pads)
+
+
+def _batch_norm(x, scale, bias, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axes)
+  var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), axes) - jnp.square(mean))
+  rstd = jax.lax.rsqrt(var + epsilon)
+  y = (x32 - mean) * (scale.astype(jnp.float32) * rstd) + bias.astype(jnp.float32)
+  return (y.astype(x.dtype), mean, var), rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+  """Batch norm over every axis but the last, with the batch's statistics.
+
+  x [..., C], scale and bias [C] -> (y like x, mean [C], var [C]): flax `nn.BatchNorm`'s
+  training-mode arithmetic (statistics in float32, var = E[x^2] - E[x]^2 clipped at 0).
+  The gradient is written out (a custom VJP) rather than derived: two reductions (the
+  sums of g and g * (x - mean)) and one elementwise pass, keeping only x, where autodiff
+  keeps more and runs more passes. It is that of the unclipped variance (they differ only
+  where a channel is constant over the batch).
+  """
+  return _batch_norm(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+  out, rstd = _batch_norm(x, scale, bias, epsilon)
+  return out, (x, scale, out[1], rstd)
+
+
+def _batch_norm_bwd(epsilon, residuals, cotangents):
+  x, scale, mean, rstd = residuals
+  g, g_mean, g_var = cotangents
+  axes = tuple(range(x.ndim - 1))
+  count = x.size // x.shape[-1]
+  centered = x.astype(jnp.float32) - mean
+  g32 = g.astype(jnp.float32)
+  dbias = jnp.sum(g32, axes)
+  dscale = rstd * jnp.sum(g32 * centered, axes)
+  a = scale.astype(jnp.float32) * rstd
+  # dx = a (g - mean(g) - x_hat mean(g x_hat)) + g_mean / n + 2 g_var (x - mean) / n
+  #    = a g + c1 (x - mean) + c0, with per-channel c1 and c0.
+  c1 = -a * rstd * dscale / count + 2.0 * g_var / count
+  c0 = (g_mean - a * dbias) / count
+  dx = a * g32 + c1 * centered + c0
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+class BatchNorm(nn.Module):
+  """flax `nn.BatchNorm` over the channels (the same `scale` / `bias` parameters and
+  `mean` / `var` batch statistics, the same momentum update), whose training pass is
+  `batch_norm`. [..., C] -> [..., C]."""
+
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    x = x.astype(self.dtype)
+    if self.use_running_average:
+      rstd = jax.lax.rsqrt(ra_var.value + self.epsilon)
+      y = (x.astype(jnp.float32) - ra_mean.value) * (scale * rstd) + bias
+      return y.astype(self.dtype)
+    y, mean, var = batch_norm(x, scale, bias, self.epsilon)
+    if not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y
 
 
 class ConvBlock(nn.Module):
@@ -177,8 +315,8 @@ class ConvBlock(nn.Module):
                   padding=pads, use_bias=self.use_bias,
                   kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
     if self.use_norm:
-      x = nn.BatchNorm(use_running_average=not train, momentum=self.batch_norm_momentum,
-                       epsilon=self.batch_norm_epsilon, dtype=self.dtype, name="norm")(x)
+      x = BatchNorm(use_running_average=not train, momentum=self.batch_norm_momentum,
+                    epsilon=self.batch_norm_epsilon, dtype=self.dtype, name="norm")(x)
     return nn.swish(x) if self.use_activation else x
 
 
