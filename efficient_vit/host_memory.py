@@ -15,12 +15,13 @@ of glibc's `mallopt` parameters so that the buffer stays in the process:
   M_TRIM_THRESHOLD = -1   freed memory at the top of the heap is never given back
 
 The cost is host memory, and it is not bounded. The process's resident memory never
-shrinks, and it grows by the step's temporaries whenever small allocations made between two
-steps split the freed buffer so that the next step's no longer fits in it. ViT-S/16 at
-batch 16 settled at 8.1 GB (3.9 GB without) a few steps in; MobileViT-XXS at batch 16
-(2.47 GB of temporaries) stayed at 4.5 GB for 14 steps in one process but grew in others:
-7.0 GB after 8 steps and 11.9 GB after 17; 11.9 GB after 8, 14.4 GB after 11 and 16.9 GB
-after 32; two such processes side by side were killed for memory on a 24 GB machine. Compilation gets slower too (the compiler's threads contend for
+shrinks, and it grows in whole multiples of the step's temporaries, as when small
+allocations made between two steps split the freed buffer so that the next step's no longer
+fits in it. ViT-S/16 at batch 16 settled at 8.1 GB (3.9 GB without) a few steps in;
+MobileViT-XXS at batch 16 (2.47 GB of temporaries) stayed at 4.5 GB for 14 steps in one
+process but grew in others: 7.0 GB after 8 steps and 11.9 GB after 17; 11.9 GB after 8,
+14.4 GB after 11 and 16.9 GB after 32; two such processes side by side were killed for
+memory on a 24 GB machine. Compilation gets slower too (the compiler's threads contend for
 the one arena: ViT-S/16's train step 9.3-10.7 s against 8.1-8.5 s). So it is off unless
 asked for: `--retain_host_memory` (launch.py, the benchmarks; the flag is defined here, for
 every entry point that imports this module) where the host has memory to spare and the
@@ -41,7 +42,7 @@ from absl import flags
 _RETAIN_HOST_MEMORY = flags.DEFINE_bool(
     "retain_host_memory", False, "glibc: keep freed host memory for reuse, so that a CPU "
     "step does not map and fault in its temporaries afresh every step; resident memory "
-    "then only grows, by up to several times the step's temporaries "
+    "then only grows, by multiples of the step's temporaries and without a bound "
     "(efficient_vit/host_memory.py).")
 # <malloc.h>'s parameter numbers.
 M_TRIM_THRESHOLD = -1

@@ -118,15 +118,22 @@ def _windows(x: jax.Array, k: int, s: int, out_h: int, out_w: int):
       yield jax.lax.slice_in_dim(rows, j, j + s * (out_w - 1) + 1, s, axis=2)
 
 
+def _shifted_sum(padded: jax.Array, kernel: jax.Array, strides: int, out_h: int,
+                 out_w: int) -> jax.Array:
+  """sum over taps (i, j) of window_ij(padded) * kernel[i, j]: a depthwise correlation of an
+  already padded map with kernel [k, k, C] -> [b, out_h, out_w, C]."""
+  k = kernel.shape[0]
+  out = 0
+  for tap, window in zip(kernel.reshape(k * k, -1), _windows(padded, k, strides, out_h, out_w)):
+    out = out + window * tap
+  return out
+
+
 def _depthwise(x, kernel, strides, pads):
   k = kernel.shape[0]
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
   out_h, out_w = (xp.shape[1] - k) // strides + 1, (xp.shape[2] - k) // strides + 1
-  taps = kernel.reshape(k * k, -1)
-  out = 0
-  for tap, window in zip(taps, _windows(xp, k, strides, out_h, out_w)):
-    out = out + window * tap
-  return out
+  return _shifted_sum(xp, kernel, strides, out_h, out_w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -166,10 +173,7 @@ def _depthwise_bwd(strides, pads, residuals, g):
   # stride-1 correlation with the flipped kernel lands on x's h x w positions.
   gp = jax.lax.pad(g, zero, ((0, 0, 0), (k - 1 - top, h + top - span_h, s - 1),
                     (k - 1 - left, w + left - span_w, s - 1), (0, 0, 0)))
-  flipped = kernel[::-1, ::-1].reshape(k * k, -1)
-  dx = 0
-  for tap, window in zip(flipped, _windows(gp, k, 1, h, w)):
-    dx = dx + window * tap
+  dx = _shifted_sum(gp, kernel[::-1, ::-1], 1, h, w)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
