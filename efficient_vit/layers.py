@@ -579,3 +579,68 @@ def _max_pool_bwd(window, strides, padding, residuals, g):
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+# NHWC images, HWIO kernels: the layout of flax's `nn.Conv`.
+_NHWC = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: str | Sequence[tuple[int, int]],
+                         lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1,
+                         precision: Any = None) -> jax.Array:
+  """`jax.lax.conv_general_dilated` with a cheaper kernel gradient for stride-1 2-D convolutions.
+
+  Pass it as `nn.Conv(..., conv_general_dilated=layers.conv_general_dilated)`: parameters,
+  forward pass and input gradient stay lax's. For a dense, undilated, stride-1 convolution
+  of NHWC images with an HWIO kernel and no negative padding, the kernel's gradient is one
+  matmul per kernel tap, `einsum('bhwc,bhwo->co', shifted input window, output gradient)`,
+  which XLA's CPU backend hands to its matmul library, instead of autodiff's convolution
+  with the batch as its feature dimension (benchmarks/PROFILE.md: the CCT seed step 1.14x
+  faster). Anything else (strides, dilations, groups, other layouts) is lax's convolution
+  unchanged: for the 7x7 stride-2 tokenizer of CCT-14/7x2 the taps were no faster.
+  """
+  plain = (tuple(window_strides) == (1, 1) and lhs.ndim == 4 and feature_group_count == 1
+           and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+           and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+           == _NHWC)
+  if plain and isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+  if plain and min(min(pair) for pair in padding) >= 0:
+    return _tap_grad_conv(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding),
+                          precision)
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, precision=precision)
+
+
+def _stride1_conv(x, kernel, padding, precision):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC,
+                                      precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _tap_grad_conv(x, kernel, padding, precision):
+  return _stride1_conv(x, kernel, padding, precision)
+
+
+def _tap_grad_conv_fwd(x, kernel, padding, precision):
+  return _stride1_conv(x, kernel, padding, precision), (x, kernel)
+
+
+def _tap_grad_conv_bwd(padding, precision, residuals, g):
+  x, kernel = residuals
+  _, x_vjp = jax.vjp(lambda x: _stride1_conv(x, kernel, padding, precision), x)
+  (dx,) = x_vjp(g)
+  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  _, out_h, out_w, _ = g.shape
+  taps = [jnp.einsum("bhwc,bhwo->co", padded[:, i:i + out_h, j:j + out_w], g,
+                     precision=precision)
+          for i in range(kernel.shape[0]) for j in range(kernel.shape[1])]
+  return dx, jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+
+
+_tap_grad_conv.defvjp(_tap_grad_conv_fwd, _tap_grad_conv_bwd)
