@@ -55,6 +55,7 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  host_memory.restart_with_huge_pages(__name__)  # Once, before anything is loaded.
   host_memory.retain_if_flagged()  # If asked: before JAX and TensorFlow start threads.
   if not flags.FLAGS["verbosity"].present:  # Library INFO logs (Orbax's) drown the progress bar.
     logging.set_verbosity(logging.WARNING)

@@ -14,7 +14,9 @@ step's freshly mapped 2.25 GB temporary buffer), which without it charged every 
 block with the peer's after-effects. With `--retain_host_memory` (off by default, as in
 `launch.py`: `efficient_vit/host_memory.py`) the project's process keeps freed host memory
 for reuse and its step stops page-faulting after about four steps, hence
-`--warmup_steps=4` below.
+`--warmup_steps=4` below. With `--host_huge_pages` (the default, as in `launch.py`) the
+program starts again once with glibc's `glibc.malloc.hugetlb=1` tunable, and the peer
+workers inherit it: both sides' malloc on transparent huge pages.
 Printed: a table of the models (median img/s of each side over the rounds, and their
 ratio).
 
@@ -373,6 +375,7 @@ def compare(comparison: Comparison, plan: Plan, threads: int, keras_backend: str
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  host_memory.restart_with_huge_pages(__name__)
   try:
     plan = make_plan(_MODELS.value, _ROUNDS.value, FLAGS.steps, FLAGS.warmup_steps,
                      FLAGS.batch_size, _TIMM_PYTHON.value, _KERAS_PYTHON.value,
@@ -391,9 +394,12 @@ def main(argv):
     with open(_ROUNDS_JSON.value, "w", encoding="utf-8") as f:
       json.dump({"rounds": plan.rounds, "steps": plan.steps, "warmup_steps":
                  plan.warmup_steps, "block_warmup_steps": plan.block_warmup_steps,
-                 "threads": threads, "retain_host_memory": retained, "rows": rows}, f,
+                 "threads": threads, "retain_host_memory": retained,
+                 "host_huge_pages": host_memory.huge_pages_on(), "rows": rows}, f,
                 indent=1)
   memory = ", the project's freed host memory retained" if retained else ""
+  if host_memory.huge_pages_on():
+    memory += ", malloc on transparent huge pages on both sides"
   print(f"Train step, float32, {threads} CPU threads on each side{memory}; median of "
         f"{plan.rounds} alternating rounds of {plan.steps} steps:\n")
   print(format_table(rows))

@@ -88,6 +88,7 @@ def op_times(trace_dir: str, hlo_text: str) -> tuple[collections.Counter, collec
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  host_memory.restart_with_huge_pages(__name__)
   host_memory.retain_if_flagged()
   import jax
 

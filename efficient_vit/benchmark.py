@@ -60,7 +60,7 @@ from typing import Callable, Iterator
 from absl import app, flags
 from ml_collections import config_flags
 
-from efficient_vit import host_memory  # Its --retain_host_memory flag (as launch.py's).
+from efficient_vit import host_memory  # --retain_host_memory, --host_huge_pages.
 
 # Dense peak TFLOP/s per device, by activation dtype; the first entry whose key is a
 # substring of the lower-cased `device_kind` wins (so the more specific names come first).
@@ -358,6 +358,7 @@ def benchmark_config(config, *, config_name: str = "", steps: int = 10, warmup_s
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  host_memory.restart_with_huge_pages(__name__)
   retained = host_memory.retain_if_flagged()
   if _SWEEP.value == "tokens":
     from efficient_vit import token_sweep
@@ -386,6 +387,7 @@ def main(argv):
   except MemoryError as e:
     raise SystemExit(f"benchmark: {e}") from None
   record["retain_host_memory"] = retained
+  record["host_huge_pages"] = host_memory.huge_pages_on()
   print(json.dumps(record), flush=True)
 
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from efficient_vit import benchmark, token_sweep
+from efficient_vit import benchmark, host_memory, token_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,6 +25,7 @@ SINGLE_RUN_KEYS = {
     "compile_train_s", "compile_eval_s", "peak_memory_bytes", "peak_memory_note",
     "train_step_memory_bytes", "mfu", "peak_tflops_per_device", "device_kind", "platform",
     "num_devices", "dtype", "batch_size", "steps", "parallelism", "retain_host_memory",
+    "host_huge_pages",
 }
 
 
@@ -105,6 +106,8 @@ def test_single_config_prints_one_json_line(capsys, monkeypatch):
   assert record["model"] == "vit" and record["config"] == f"{config_path}:tiny_cifar10"
   assert record["batch_size"] == 4 and record["steps"] == 2
   assert record["retain_host_memory"] is False  # Off unless asked for.
+  # Called from a test, main() never restarts: the record says what this process has.
+  assert record["host_huge_pages"] is host_memory.huge_pages_on()
   # 16 tokens of width 16, one block, 10 classes.
   assert 5_000 < record["params"] < 7_000
   assert record["forward_gflops_per_image"] > 0

@@ -55,3 +55,66 @@ def test_a_freed_buffer_is_reused_without_page_faults():
   # Retained: the first round faults the heap in, the next ones reuse it.
   assert retained["faults"][0] >= pages // 2
   assert max(retained["faults"][1:]) < pages // 100, retained
+
+
+# Run as a program: restarts itself for huge pages (unless told not to), then mallocs,
+# writes and keeps a buffer; printed once per start: the PID, GLIBC_TUNABLES and the
+# buffer's kilobytes on transparent huge pages (0 before the restart, which mallocs none).
+RESTARTING = f"""
+import ctypes, json, os, sys
+from absl import app
+from efficient_vit import host_memory
+
+def huge_kb():
+  with open("/proc/self/smaps_rollup") as f:
+    return sum(int(line.split()[1]) for line in f if line.startswith("AnonHugePages"))
+
+def main(argv):
+  print(json.dumps({{"pid": os.getpid(), "tunables": os.environ.get("GLIBC_TUNABLES"),
+                    "restarting": True}}), flush=True)
+  host_memory.restart_with_huge_pages(argv[1])
+  libc = ctypes.CDLL(None)
+  libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+  before = huge_kb()
+  ctypes.memset(libc.malloc({SIZE}), 1, {SIZE})
+  print(json.dumps({{"pid": os.getpid(), "tunables": os.environ.get("GLIBC_TUNABLES"),
+                    "huge_kb": huge_kb() - before, "on": host_memory.huge_pages_on()}}),
+        flush=True)
+
+app.run(main)
+"""
+
+
+def _starts(*args: str, tunables: str | None = None) -> list[dict]:
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  if tunables is not None:
+    env["GLIBC_TUNABLES"] = tunables
+  out = subprocess.run([sys.executable, "-c", RESTARTING, *args], cwd=ROOT, check=True,
+                       capture_output=True, text=True, env=env).stdout
+  return [json.loads(line) for line in out.splitlines()]
+
+
+@pytest.mark.skipif(not host_memory.huge_pages_available(),
+                    reason="needs glibc 2.35+ and transparent huge pages not 'never'")
+def test_the_program_restarts_once_with_malloc_on_huge_pages():
+  first, again, done = _starts("__main__")  # Started twice: one restart, no loop.
+  assert first["pid"] == again["pid"] == done["pid"]  # execve: the same process.
+  assert first["tunables"] is None and done["tunables"] == "glibc.malloc.hugetlb=1"
+  assert done["on"] and done["huge_kb"] > 0, done
+  # Other tunables are kept.
+  *_, done = _starts("__main__", tunables="glibc.malloc.check=0")
+  assert done["tunables"] == "glibc.malloc.check=0:glibc.malloc.hugetlb=1"
+
+
+@pytest.mark.skipif(not host_memory.huge_pages_available(),
+                    reason="needs glibc 2.35+ and transparent huge pages not 'never'")
+@pytest.mark.parametrize("args, tunables", [
+    (("imported_module",), None),  # main() called by other code: never restarts.
+    (("__main__", "--nohost_huge_pages"), None),
+    (("__main__",), "glibc.malloc.hugetlb=0"),  # The user's choice stands.
+])
+def test_no_restart_when_not_the_entry_point_or_not_asked(args, tunables):
+  starts = _starts(*args, tunables=tunables)
+  assert len(starts) == 2, starts  # The first line, then the buffer's: no second start.
+  assert starts[1]["tunables"] == tunables
+  assert starts[1]["on"] is False and starts[1]["huge_kb"] == 0, starts
