@@ -245,7 +245,7 @@ class MultiHeadAttention(nn.Module):
 
   `attention_impl` (`ATTENTION_IMPLS`): `xla` is the einsum / softmax program in that
   head-major layout (what `jax.nn.dot_product_attention(implementation="xla")` computes,
-  without its transposes), also used whatever `attention_impl` says when attention
+  without its transposes; the einsums are `attention_logits` and `attention_values`), also used whatever `attention_impl` says when attention
   dropout is active or the weights are being extracted (the `intermediates` collection is
   mutable); `cudnn` goes through `jax.nn.dot_product_attention` for the fused kernel.
   `bias` broadcasts to [batch, heads, n, m]; `mask` (True = attend) likewise.
@@ -302,7 +302,7 @@ class MultiHeadAttention(nn.Module):
       q = q * (scale * np.sqrt(head_dim)).astype(q.dtype)
 
     if implementation == "xla":
-      logits = jnp.einsum("bhnk,bhmk->bhnm", q, k, preferred_element_type=jnp.float32)
+      logits = attention_logits(q, k)
       logits = logits * np.float32(1.0 / np.sqrt(head_dim))
       if bias is not None:
         logits = logits + bias.astype(jnp.float32)
@@ -311,7 +311,7 @@ class MultiHeadAttention(nn.Module):
       weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
       sow_attention(self, weights)  # kept only where `intermediates` is mutable
       weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=not train)
-      out = jnp.einsum("bhnm,bhmk->bhnk", weights, v)
+      out = attention_values(weights, v)
       out_axes = "bhnk"
     else:
       out = jax.nn.dot_product_attention(
@@ -644,3 +644,68 @@ def _tap_grad_conv_bwd(padding, precision, residuals, g):
 
 
 _tap_grad_conv.defvjp(_tap_grad_conv_fwd, _tap_grad_conv_bwd)
+
+
+# The attention's two products in the head-major layout, with gradients that suit XLA's CPU
+# backend. Two of their four backward products contract over the query tokens, the rows of
+# both operands (`einsum('bhnk,bhnm->bhmk')`); XLA's CPU backend runs those in its own dot
+# emitter, not YNNPACK. With many tokens per head dimension that is slow: on
+# MobileViT-XXS's 32x32 stage ([64, 4, 256, 16] against [64, 4, 256, 256]) 17.3 ms, against
+# 5.2 ms when the small [.., n, k] operand is transposed first and the [.., k, m] result
+# after, behind optimization barriers that keep XLA from folding the transposes back into
+# the dot. At ViT-S/16's, CCT's, Swin's and MobileViT's other shapes the two took the same
+# time or the transposes cost more, so only n >= 8 k on CPU takes that form
+# (benchmarks/PROFILE.md); everything else is the plain einsum, as autodiff would write it.
+
+
+def _contract_rows(x: jax.Array, y: jax.Array) -> jax.Array:
+  """x [.., n, k], y [.., n, m] -> [.., m, k]: `einsum('...nk,...nm->...mk')`."""
+  def plain(x, y):
+    return jnp.einsum("...nk,...nm->...mk", x, y)
+
+  def transposed(x, y):
+    x_t = jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+    return jnp.swapaxes(jax.lax.optimization_barrier(jnp.matmul(x_t, y)), -1, -2)
+
+  if x.shape[-2] < 8 * x.shape[-1]:
+    return plain(x, y)
+  return jax.lax.platform_dependent(x, y, cpu=transposed, default=plain)
+
+
+@jax.custom_vjp
+def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+  """q [b, h, n, d], k [b, h, m, d] -> q.k [b, h, n, m] in float32."""
+  return jnp.einsum("bhnk,bhmk->bhnm", q, k, preferred_element_type=jnp.float32)
+
+
+def _attention_logits_fwd(q, k):
+  return attention_logits(q, k), (q, k)
+
+
+def _attention_logits_bwd(residuals, g):
+  q, k = residuals
+  dq = jnp.einsum("bhnm,bhmk->bhnk", g, k, preferred_element_type=jnp.float32)
+  dk = _contract_rows(q.astype(g.dtype), g)
+  return dq.astype(q.dtype), dk.astype(k.dtype)
+
+
+attention_logits.defvjp(_attention_logits_fwd, _attention_logits_bwd)
+
+
+@jax.custom_vjp
+def attention_values(weights: jax.Array, v: jax.Array) -> jax.Array:
+  """weights [b, h, n, m], v [b, h, m, d] -> [b, h, n, d]."""
+  return jnp.einsum("bhnm,bhmk->bhnk", weights, v)
+
+
+def _attention_values_fwd(weights, v):
+  return attention_values(weights, v), (weights, v)
+
+
+def _attention_values_bwd(residuals, g):
+  weights, v = residuals
+  d_weights = jnp.einsum("bhnk,bhmk->bhnm", g, v)
+  return d_weights.astype(weights.dtype), _contract_rows(g, weights).astype(v.dtype)
+
+
+attention_values.defvjp(_attention_values_fwd, _attention_values_bwd)

@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,7 +7,7 @@ import optax
 import pytest
 
 from configs import vit as vit_config
-from efficient_vit import cost, optim
+from efficient_vit import cost, layers, optim
 from efficient_vit.models import build_model
 
 
@@ -116,3 +118,26 @@ def test_s16_imagenet_recipe_updates_like_big_visions_optimizer():
   moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a - b)).max(), both[1], params)
   assert min(jax.tree.leaves(moved)) > 1e-4
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *both)
+
+
+@pytest.mark.parametrize("tokens, head_dim", [(64, 8), (16, 8)])  # transposed form, plain
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_products_have_autodiffs_gradients(tokens, head_dim, dtype):
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 3, tokens, head_dim), dtype)
+             for i in range(3))
+
+  def attend(logits_fn, values_fn, q, k, v):
+    weights = jax.nn.softmax(logits_fn(q, k), axis=-1).astype(dtype)
+    return jnp.sum(jnp.sin(values_fn(weights, v).astype(jnp.float32)))
+
+  ours = jax.grad(functools.partial(attend, layers.attention_logits, layers.attention_values),
+                  argnums=(0, 1, 2))(q, k, v)
+  autodiff = jax.grad(functools.partial(
+      attend, lambda q, k: jnp.einsum("bhnk,bhmk->bhnm", q, k,
+                                      preferred_element_type=jnp.float32),
+      lambda w, v: jnp.einsum("bhnm,bhmk->bhnk", w, v)), argnums=(0, 1, 2))(q, k, v)
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  for a, b in zip(ours, autodiff):
+    assert a.dtype == b.dtype == dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=tolerance, atol=tolerance)
