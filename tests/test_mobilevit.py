@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import mobilevit as mobilevit_config
-from efficient_vit import cost, optim
+from efficient_vit import cost, layers, optim
 from efficient_vit.models import build_model
 from efficient_vit.models.mobilevit import (BatchNorm, DepthwiseConv, InvertedResidual,
                                             MobileViT, batch_norm, conv_pads, depthwise_conv,
@@ -149,8 +150,6 @@ def test_batch_norm_equals_flax_batch_norm_with_gradients_and_statistics():
   """The project's BatchNorm (a written-out gradient) against flax's `nn.BatchNorm`: the
   same variables, outputs, gradients of the input and the parameters, running statistics
   after a training pass, and eval outputs."""
-  import flax.linen as nn
-
   rng = np.random.default_rng(0)
   # Channels with a mean far from 0 and unequal scales: what cancellation would hurt.
   x = jnp.asarray(rng.normal(size=(4, 5, 5, 6)) * rng.uniform(0.5, 3.0, 6)
@@ -383,3 +382,25 @@ def test_paper_presets_carry_the_ml_cvnets_recipe(preset):
   assert float(schedule(10_000)) == pytest.approx((2e-4 + 2e-3) / 2, rel=1e-5)
   assert float(schedule(20_000)) == pytest.approx(2e-3, rel=1e-5)  # max_lr
   assert float(schedule(300 * steps_per_epoch)) == pytest.approx(2e-4, rel=1e-5)  # min_lr
+
+
+@pytest.mark.parametrize("in_features, features", [(3, 8), (8, 3)])  # either operand transposed
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_with_the_cpu_kernel_gradient_equals_lax(in_features, features, dtype):
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, in_features), dtype)
+  plain = nn.Dense(features, dtype=dtype)
+  ours = nn.Dense(features, dtype=dtype, dot_general=layers.dot_general)
+  params = plain.init(jax.random.key(1), x)
+  loss = lambda dense, p, x: jnp.sum(jnp.sin(dense.apply(p, x).astype(jnp.float32)))
+  expected = jax.grad(functools.partial(loss, plain), argnums=(0, 1))(params, x)
+  got = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(params, x)
+  np.testing.assert_array_equal(ours.apply(params, x), plain.apply(params, x))
+  tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance, atol=tolerance),
+      got, expected)
+  # Anything but a Dense contraction is lax's own.
+  batched = (((2,), (1,)), ((0,), (0,)))
+  a, b = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
+  np.testing.assert_array_equal(layers.dot_general(a, b, batched),
+                                jax.lax.dot_general(a, b, batched))

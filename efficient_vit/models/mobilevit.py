@@ -313,7 +313,7 @@ class ConvBlock(nn.Module):
                         name="conv")(x)
     elif self.kernel_size == 1 and self.strides == 1:
       x = nn.Dense(self.features, use_bias=self.use_bias, kernel_init=conv_init,
-                   dtype=self.dtype, name="conv")(x)
+                   dot_general=layers.dot_general, dtype=self.dtype, name="conv")(x)
     else:
       x = nn.Conv(self.features, (self.kernel_size,) * 2, strides=(self.strides,) * 2,
                   padding=pads, use_bias=self.use_bias,
