@@ -1,4 +1,4 @@
-"""Host memory that a CPU train step reuses instead of mapping afresh every step.
+"""Host memory for CPU train steps: on huge pages (the default) or kept for reuse (opt-in).
 
 XLA's CPU client allocates a step's temporaries as one buffer per execution (2.25 GB for
 ViT-S/16 at batch 16) and frees it when the step ends. glibc serves an allocation that

@@ -245,9 +245,10 @@ class MultiHeadAttention(nn.Module):
 
   `attention_impl` (`ATTENTION_IMPLS`): `xla` is the einsum / softmax program in that
   head-major layout (what `jax.nn.dot_product_attention(implementation="xla")` computes,
-  without its transposes; the einsums are `attention_logits` and `attention_values`), also used whatever `attention_impl` says when attention
-  dropout is active or the weights are being extracted (the `intermediates` collection is
-  mutable); `cudnn` goes through `jax.nn.dot_product_attention` for the fused kernel.
+  without its transposes; the einsums are `attention_logits` and `attention_values`),
+  also used whatever `attention_impl` says when attention dropout is active or the
+  weights are being extracted (the `intermediates` collection is mutable); `cudnn` goes
+  through `jax.nn.dot_product_attention` for the fused kernel.
   `bias` broadcasts to [batch, heads, n, m]; `mask` (True = attend) likewise.
   `qkv_bias` puts biases on the query, key and value projections (timm's `qkv_bias`;
   the official CCT has none), `proj_bias` on the output projection.
