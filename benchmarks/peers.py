@@ -383,6 +383,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   retained = host_memory.retain_if_flagged()  # Before JAX starts its threads.
+  huge_pages = host_memory.huge_pages_on()
   threads = len(os.sched_getaffinity(0))
   log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
   rows = []
@@ -395,10 +396,10 @@ def main(argv):
       json.dump({"rounds": plan.rounds, "steps": plan.steps, "warmup_steps":
                  plan.warmup_steps, "block_warmup_steps": plan.block_warmup_steps,
                  "threads": threads, "retain_host_memory": retained,
-                 "host_huge_pages": host_memory.huge_pages_on(), "rows": rows}, f,
+                 "host_huge_pages": huge_pages, "rows": rows}, f,
                 indent=1)
   memory = ", the project's freed host memory retained" if retained else ""
-  if host_memory.huge_pages_on():
+  if huge_pages:
     memory += ", malloc on transparent huge pages on both sides"
   print(f"Train step, float32, {threads} CPU threads on each side{memory}; median of "
         f"{plan.rounds} alternating rounds of {plan.steps} steps:\n")

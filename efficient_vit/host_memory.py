@@ -80,7 +80,11 @@ def _glibc() -> ctypes.CDLL | None:
     libc = ctypes.CDLL(None)
   except OSError:
     return None
-  return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+  if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):
+    return None
+  libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  libc.gnu_get_libc_version.restype = ctypes.c_char_p
+  return libc
 
 
 def retain_freed_memory() -> bool:
@@ -88,8 +92,6 @@ def retain_freed_memory() -> bool:
   libc = _glibc()
   if libc is None:
     return False
-  libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  libc.gnu_get_libc_version.restype = ctypes.c_char_p
   for parameter, value in SETTINGS:
     if libc.mallopt(parameter, value) != 1:
       raise OSError(f"mallopt({parameter}, {value}) was refused by glibc "
@@ -109,7 +111,6 @@ def huge_pages_available() -> bool:
   libc = _glibc()
   if libc is None:
     return False
-  libc.gnu_get_libc_version.restype = ctypes.c_char_p
   version = tuple(int(part) for part in
                   libc.gnu_get_libc_version().decode().split(".")[:2])
   try:
@@ -120,10 +121,18 @@ def huge_pages_available() -> bool:
   return version >= (2, 35) and "[never]" not in mode
 
 
+def _huge_pages_tunable() -> str | None:
+  """The value `GLIBC_TUNABLES` gives glibc's huge-page tunable, None where it names none."""
+  for item in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+    name, _, value = item.partition("=")
+    if name == HUGE_PAGES_TUNABLE:
+      return value
+  return None
+
+
 def huge_pages_on() -> bool:
   """Whether this process started with glibc's huge-page tunable set (to anything but 0)."""
-  return any(item.startswith(HUGE_PAGES_TUNABLE + "=") and item.split("=", 1)[1] != "0"
-             for item in os.environ.get("GLIBC_TUNABLES", "").split(":"))
+  return _huge_pages_tunable() not in (None, "0")
 
 
 def restart_with_huge_pages(module_name: str) -> None:
@@ -131,10 +140,10 @@ def restart_with_huge_pages(module_name: str) -> None:
   where `--host_huge_pages` (the default) asks for it and it is not there yet: the first
   call of every `main` that runs train steps, given that module's `__name__`, which must be
   "__main__" (anything else returns at once). Does not return when it restarts."""
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
   if (module_name != "__main__" or not _HOST_HUGE_PAGES.value
-      or HUGE_PAGES_TUNABLE + "=" in tunables or not huge_pages_available()):
+      or _huge_pages_tunable() is not None or not huge_pages_available()):
     return
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
   env = dict(os.environ,
              GLIBC_TUNABLES=":".join(filter(None, (tunables, HUGE_PAGES_TUNABLE + "=1"))))
   sys.stdout.flush()

@@ -599,7 +599,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   of NHWC images with an HWIO kernel and no negative padding, the kernel's gradient is one
   matmul per kernel tap, `einsum('bhwc,bhwo->co', shifted input window, output gradient)`,
   which XLA's CPU backend hands to its matmul library, instead of autodiff's convolution
-  with the batch as its feature dimension (benchmarks/PROFILE.md: the CCT seed step 1.14x
+  with the batch as its feature dimension (benchmarks/PROFILE.md: the CCT seed step 1.10x
   faster). Anything else (strides, dilations, groups, other layouts) is lax's convolution
   unchanged: for the 7x7 stride-2 tokenizer of CCT-14/7x2 the taps were no faster.
   """
@@ -655,20 +655,30 @@ _tap_grad_conv.defvjp(_tap_grad_conv_fwd, _tap_grad_conv_bwd)
 # 5.2 ms when the small [.., n, k] operand is transposed first and the [.., k, m] result
 # after, behind optimization barriers that keep XLA from folding the transposes back into
 # the dot. At ViT-S/16's, CCT's, Swin's and MobileViT's other shapes the two took the same
-# time or the transposes cost more, so only n >= 8 k on CPU takes that form
-# (benchmarks/PROFILE.md); everything else is the plain einsum, as autodiff would write it.
+# time or the transposes cost more, so only n >= 8x the narrower width on CPU takes that
+# form (benchmarks/PROFILE.md); everything else is the plain einsum, as autodiff writes it.
+# MobileViT's 1x1 convolutions use the same helper for their kernel gradient (`dot_general`).
 
 
-def _contract_rows(x: jax.Array, y: jax.Array) -> jax.Array:
-  """x [.., n, k], y [.., n, m] -> [.., m, k]: `einsum('...nk,...nm->...mk')`."""
+def _contract_rows(x: jax.Array, y: jax.Array, precision: Any = None) -> jax.Array:
+  """x [.., n, k], y [.., n, m] -> [.., m, k]: `einsum('...nk,...nm->...mk')`.
+
+  On CPU, with n at least 8x the narrower width, the narrower operand is transposed first
+  and the product is a plain matmul (the [.., k, m] result transposed after, where x was
+  the narrower), each transpose behind an optimization barrier."""
   def plain(x, y):
-    return jnp.einsum("...nk,...nm->...mk", x, y)
+    return jnp.einsum("...nk,...nm->...mk", x, y, precision=precision)
 
   def transposed(x, y):
-    x_t = jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
-    return jnp.swapaxes(jax.lax.optimization_barrier(jnp.matmul(x_t, y)), -1, -2)
+    def t(a):
+      return jnp.swapaxes(a, -1, -2)
 
-  if x.shape[-2] < 8 * x.shape[-1]:
+    barrier = jax.lax.optimization_barrier
+    if y.shape[-1] < x.shape[-1]:
+      return jnp.matmul(barrier(t(y)), x, precision=precision)
+    return t(barrier(jnp.matmul(barrier(t(x)), y, precision=precision)))
+
+  if x.shape[-2] < 8 * min(x.shape[-1], y.shape[-1]):
     return plain(x, y)
   return jax.lax.platform_dependent(x, y, cpu=transposed, default=plain)
 
@@ -720,12 +730,12 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
   input gradient stay lax's. For inputs [..., c_in] against a kernel [c_in, c_out] the
   kernel's gradient contracts over every row of both operands; autodiff leaves that to
   XLA, which on CPU writes the output gradient out transposed and runs the product in its
-  own dot emitter. Here, on CPU, the narrower of the two operands is transposed first
-  (behind an optimization barrier, as in `_contract_rows`) and the product is a plain
-  matmul in YNNPACK: a 1x1 convolution from 16 to 64 channels on [16, 128, 128] 2.3x
-  faster forward and backward, the MobileViT-XXS step 1.12x; the transformers' MLPs
-  (hundreds of rows per channel, not thousands) gained nothing measurable, and keep lax's
-  (benchmarks/PROFILE.md). Other contractions are lax's.
+  own dot emitter. Here it is `_contract_rows`, as for the attention's: on CPU the
+  narrower operand is transposed first and the product is a plain matmul in YNNPACK: a 1x1
+  convolution from 16 to 64 channels on [16, 128, 128] 2.3x faster forward and backward,
+  the MobileViT-XXS step 1.12x; the transformers' MLPs (hundreds of rows per channel, not
+  thousands) gained nothing measurable and keep lax's (benchmarks/PROFILE.md). Other
+  contractions are lax's.
   """
   (lhs_contract, rhs_contract), batch = dimension_numbers
   dense = (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
@@ -749,17 +759,8 @@ def _dense_product_fwd(x, kernel, precision):
 def _dense_product_bwd(precision, residuals, g):
   x, kernel = residuals
   dx = jnp.matmul(g, kernel.T, precision=precision)
-  rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-
-  def transposed(rows_x, rows_g):
-    if rows_x.shape[1] <= rows_g.shape[1]:
-      return jnp.matmul(jax.lax.optimization_barrier(rows_x.T), rows_g, precision=precision)
-    return jnp.matmul(jax.lax.optimization_barrier(rows_g.T), rows_x, precision=precision).T
-
-  def plain(rows_x, rows_g):
-    return jnp.matmul(rows_x.T, rows_g, precision=precision)
-
-  d_kernel = jax.lax.platform_dependent(rows_x, rows_g, cpu=transposed, default=plain)
+  d_kernel = _contract_rows(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]),
+                            precision)
   return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
 
