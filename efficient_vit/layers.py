@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -327,7 +328,10 @@ class MultiHeadAttention(nn.Module):
       return out.reshape(out.shape[:-2] + (self.num_heads * head_dim,))
     kernel, out_bias = DenseParams(heads, (self.out_dim or inputs_q.shape[-1],),
                                    self.proj_bias, self.dtype, name="out")()
-    y = jnp.einsum(f"{out_axes},hkd->bnd", out, kernel)
+    # [b * n, heads * head_dim] x [heads * head_dim, d]: as `_project`, a plain matmul.
+    out = jnp.einsum(f"{out_axes}->bnhk", out)
+    y = (out.reshape(-1, kernel.shape[0] * kernel.shape[1])
+         @ kernel.reshape(-1, kernel.shape[-1])).reshape(*out.shape[:2], kernel.shape[-1])
     return y if out_bias is None else y + out_bias
 
 
@@ -336,12 +340,20 @@ def _project(x: jax.Array, params: Sequence[tuple[jax.Array, jax.Array | None]],
   """x [batch, n, d] against each (kernel [d, heads, head_dim], bias) in one matmul:
   a [batch, heads, n, head_dim] (`layout='bhnk'`) or [batch, n, heads, head_dim] ('bnhk')
   array per projection."""
-  kernels = jnp.stack([kernel for kernel, _ in params])     # [p, d, heads, head_dim]
-  y = jnp.einsum(f"bnd,pdhk->p{layout}", x, kernels)
+  # One plain [b * n, d] x [d, p * heads * head_dim] matmul, its output sliced and
+  # transposed after: the same product as einsum('bnd,pdhk->pbhnk'), whose forward and
+  # backward XLA's CPU backend ran 1.1x (ViT-S/16) to 2.1x (CCT seed) slower
+  # (benchmarks/PROFILE.md).
+  kernels = jnp.stack([kernel for kernel, _ in params], axis=1)  # [d, p, heads, head_dim]
+  d, count, heads, head_dim = kernels.shape
+  y = (x.reshape(-1, d) @ kernels.reshape(d, -1)).reshape(*x.shape[:-1], count, heads,
+                                                            head_dim)
   if params[0][1] is not None:
-    biases = jnp.stack([bias for _, bias in params])        # [p, heads, head_dim]
-    y = y + (biases[:, None, :, None] if layout == "bhnk" else biases[:, None, None])
-  return list(y)
+    y = y + jnp.stack([bias for _, bias in params])        # [p, heads, head_dim]
+  # index_in_dim (slice, squeeze), not y[:, :, i]: with a symbolic batch (export) indexing
+  # becomes a gather that the TFLite converter rejects.
+  return [jnp.einsum(f"bnhk->{layout}", jax.lax.index_in_dim(y, i, 2, keepdims=False))
+          for i in range(count)]
 
 
 BLOCK_FORMS = ("pre_norm", "cct")
@@ -623,6 +635,14 @@ def _stride1_conv(x, kernel, padding, precision):
                                       precision=precision)
 
 
+# On CPU each tap's product is split into this many groups of images (fewer where the
+# batch has no such divisor), a batch dimension of the matmul: one [c, o] product over all
+# the images left XLA's CPU backend one small output to share between its threads (CCT
+# seed's conv_1, 64 -> 128 channels at 16 x 16, batch 128: 91.7 ms for the nine taps, 61.4
+# ms in 8 groups; benchmarks/PROFILE.md).
+_TAP_GRADIENT_GROUPS = 8
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _tap_grad_conv(x, kernel, padding, precision):
   return _stride1_conv(x, kernel, padding, precision)
@@ -637,11 +657,24 @@ def _tap_grad_conv_bwd(padding, precision, residuals, g):
   _, x_vjp = jax.vjp(lambda x: _stride1_conv(x, kernel, padding, precision), x)
   (dx,) = x_vjp(g)
   padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  _, out_h, out_w, _ = g.shape
-  taps = [jnp.einsum("bhwc,bhwo->co", padded[:, i:i + out_h, j:j + out_w], g,
-                     precision=precision)
-          for i in range(kernel.shape[0]) for j in range(kernel.shape[1])]
-  return dx, jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+  batch, out_h, out_w, _ = g.shape
+
+  def taps(padded, g, groups):
+    # [groups, batch / groups, ...]: the groups are a batch dimension of each product,
+    # summed after it.
+    g = g.reshape(groups, batch // groups, *g.shape[1:])
+    return jnp.stack([
+        jnp.einsum("sbhwc,sbhwo->sco",
+                   padded[:, i:i + out_h, j:j + out_w].reshape(groups, batch // groups,
+                                                               out_h, out_w, -1),
+                   g, precision=precision).sum(0)
+        for i in range(kernel.shape[0]) for j in range(kernel.shape[1])])
+
+  groups = math.gcd(batch, _TAP_GRADIENT_GROUPS)
+  dkernel = jax.lax.platform_dependent(
+      padded, g, cpu=functools.partial(taps, groups=groups),
+      default=functools.partial(taps, groups=1))
+  return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 _tap_grad_conv.defvjp(_tap_grad_conv_fwd, _tap_grad_conv_bwd)

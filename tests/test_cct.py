@@ -326,13 +326,16 @@ def test_max_pool_gradient_equals_xla_with_ties(size, padding):
   np.testing.assert_allclose(grad.sum(), cotangent.sum(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel_size, strides, padding", [
-    ((3, 3), (1, 1), "VALID"), ((3, 3), (1, 1), "SAME"), ((2, 3), (1, 1), ((1, 0), (2, 1))),
-    ((7, 7), (2, 2), ((3, 3), (3, 3))), ((3, 3), (1, 1), ((-1, 1), (1, 1)))])
-def test_conv_with_tap_kernel_gradient_equals_lax(kernel_size, strides, padding):
+@pytest.mark.parametrize("batch, kernel_size, strides, padding", [
+    (3, (3, 3), (1, 1), "VALID"), (3, (3, 3), (1, 1), "SAME"),
+    (3, (2, 3), (1, 1), ((1, 0), (2, 1))), (3, (7, 7), (2, 2), ((3, 3), (3, 3))),
+    (3, (3, 3), (1, 1), ((-1, 1), (1, 1))),
+    # Batches split into 8 and 2 groups of images for the taps' products on CPU.
+    (16, (3, 3), (1, 1), "SAME"), (6, (2, 3), (1, 1), ((1, 0), (2, 1)))])
+def test_conv_with_tap_kernel_gradient_equals_lax(batch, kernel_size, strides, padding):
   # Stride-1 convolutions take the per-tap kernel gradient; strided ones and negative
   # padding fall back to lax. Either way: lax's outputs and both gradients.
-  images = jax.random.normal(jax.random.key(0), (3, 11, 10, 5))
+  images = jax.random.normal(jax.random.key(0), (batch, 11, 10, 5))
   conv = nn.Conv(4, kernel_size, strides=strides, padding=padding, use_bias=True)
   params = conv.init(jax.random.key(1), images)
   tapped = nn.Conv(4, kernel_size, strides=strides, padding=padding, use_bias=True,
