@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from efficient_vit import (augment, cost, device_input, init_from, input_pipeline,
+from efficient_vit import (augment, cost, cpu_random, device_input, init_from, input_pipeline,
                            metric_logging, optim)
 from efficient_vit.models import build_model
 
@@ -501,6 +501,7 @@ def build(config: ml_collections.ConfigDict,
   so that a size the model cannot take is an error here, naming the field.
   """
   validate_config(config)
+  cpu_random.unroll_threefry_on_cpu()  # same random bits, one kernel instead of a loop
   info = info or input_pipeline.dataset_info(config)
   steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
