@@ -240,7 +240,8 @@ class SwinTransformer(nn.Module):
       (`efficient_vit.scan_layout`). It shrinks the program, not XLA's CPU compile time
       (Swin-T, batch 16: 20.8 s without, 22.3 s with, on a 2-core CPU): that time goes
       into code for each distinct fused kernel, which the unscanned blocks of a stage
-      already share, and the four stages differ in shape.
+      already share, and the four stages differ in shape; the scan's loops add kernels
+      of their own (716 without, 971 with: benchmarks/PROFILE.md).
     remat: recompute each block's activations in the backward pass: `none`, `block`, or a
       `jax.checkpoint_policies` name (`layers.REMATS`).
     attention_impl: `xla`, `cudnn` or `auto` (`layers.ATTENTION_IMPLS`): the
