@@ -342,7 +342,7 @@ def _project(x: jax.Array, params: Sequence[tuple[jax.Array, jax.Array | None]],
   array per projection."""
   # One plain [b * n, d] x [d, p * heads * head_dim] matmul, its output sliced and
   # transposed after: the same product as einsum('bnd,pdhk->pbhnk'), whose forward and
-  # backward XLA's CPU backend ran 1.1x (ViT-S/16) to 2.1x (CCT seed) slower
+  # backward XLA's CPU backend ran 1.05x (ViT-S/16) to 2.1x (CCT seed) slower
   # (benchmarks/PROFILE.md).
   kernels = jnp.stack([kernel for kernel, _ in params], axis=1)  # [d, p, heads, head_dim]
   d, count, heads, head_dim = kernels.shape
