@@ -31,10 +31,10 @@ Peers (`spec["framework"]`):
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
+
+import worker_protocol  # benchmarks/, this script's folder
 
 
 def _timm_step(spec: dict):
@@ -174,35 +174,16 @@ def _keras_cct_step(spec: dict):
 BUILDERS = {"timm": _timm_step, "keras_cct": _keras_cct_step}
 
 
+def _setup(spec: dict):
+  if spec["framework"] not in BUILDERS:
+    raise ValueError(f"framework={spec['framework']!r}; allowed: {', '.join(BUILDERS)}")
+  run, params, info = BUILDERS[spec["framework"]](spec)
+  run(int(spec.get("warmup_steps", 1)))
+  return run, {"params": params, "info": info}
+
+
 def main() -> None:
-  # The protocol gets the real stdout; whatever the libraries print goes to stderr.
-  protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-  os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-  run = None
-  for line in sys.stdin:
-    request = json.loads(line)
-    try:
-      if request["op"] == "setup":
-        spec = request["spec"]
-        if spec["framework"] not in BUILDERS:
-          raise ValueError(f"framework={spec['framework']!r}; allowed: {', '.join(BUILDERS)}")
-        start = time.perf_counter()
-        run, params, info = BUILDERS[spec["framework"]](spec)
-        run(int(spec.get("warmup_steps", 1)))
-        reply = {"ok": True, "setup_s": time.perf_counter() - start, "params": params,
-                 "info": info}
-      elif request["op"] == "run":
-        if run is None:
-          raise RuntimeError("run before setup")
-        reply = {"ok": True, "seconds": run(int(request["steps"]))}
-      elif request["op"] == "quit":
-        protocol.write(json.dumps({"ok": True}) + "\n")
-        return
-      else:
-        raise ValueError(f"op={request['op']!r}; allowed: setup, run, quit")
-    except Exception as e:  # pylint: disable=broad-except
-      reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    protocol.write(json.dumps(reply) + "\n")
+  worker_protocol.serve(_setup)
 
 
 if __name__ == "__main__":

@@ -273,12 +273,14 @@ def format_table(rows: list[dict]) -> str:
 
 
 class PeerProcess:
-  """A `peer_worker.py` in another Python, driven one JSON line per command."""
+  """A `peer_worker.py` (or another `worker` of the same protocol, given `args`) in another
+  Python, driven one JSON line per command."""
 
-  def __init__(self, python: str, env: dict | None = None):
+  def __init__(self, python: str, env: dict | None = None, worker: str = WORKER,
+               args: tuple[str, ...] = ()):
     self.log = tempfile.NamedTemporaryFile("w+", prefix="peer_worker_", suffix=".log",
                                            delete=False)
-    self.proc = subprocess.Popen([python, WORKER], stdin=subprocess.PIPE,
+    self.proc = subprocess.Popen([python, worker, *args], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=self.log, text=True,
                                  bufsize=1, env={**os.environ, **(env or {})})
 
