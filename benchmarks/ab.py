@@ -118,8 +118,7 @@ def main(argv):
   log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
   rows = []
   with worktree(commit) as path:
-    for comparison in plan.comparisons:
-      model = next(k for k, v in peers.COMPARISONS.items() if v is comparison)
+    for model in FLAGS.models:  # checked by make_plan
       rows.append(compare(model, {"before": path, "after": REPO}, plan, log))
       log(format_table(rows[-1:], commit))
   print(f"Train step, float32, {commit[:10]} against the working tree, each in its own "

@@ -23,17 +23,11 @@ from absl import logging
 # Counters (output elements) from which the hash is unrolled on CPU.
 UNROLL_MIN_SIZE = 1 << 16
 
-_registered = False
-
-
 def unroll_threefry_on_cpu() -> bool:
   """Lowers threefry2x32 over large arrays on CPU as on GPU/TPU (unrolled, one fused
-  kernel); True once it is. Idempotent. Programs compiled before the call keep the loop.
-  Where this JAX has no such rules (its internals moved), nothing changes and False is
-  returned."""
-  global _registered
-  if _registered:
-    return True
+  kernel); True once it is. Idempotent (a second call registers the same rule again).
+  Programs compiled before the call keep the loop. Where this JAX has no such rules (its
+  internals moved), nothing changes and False is returned."""
   try:
     from jax._src.random import threefry2x32 as threefry  # pylint: disable=g-import-not-at-top
     from jax.extend import random as jex_random  # pylint: disable=g-import-not-at-top
@@ -50,5 +44,4 @@ def unroll_threefry_on_cpu() -> bool:
   except (ImportError, AttributeError) as e:
     logging.warning("threefry stays a loop on CPU (%s)", e)
     return False
-  _registered = True
   return True

@@ -320,19 +320,27 @@ class MultiHeadAttention(nn.Module):
           q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
           implementation=implementation)
       out_axes = "bnhk"
+    out = jnp.einsum(f"{out_axes}->bnhk", out)
     if not self.output_projection:
       if self.out_dim not in (None, self.num_heads * head_dim):
         raise ValueError(f"out_dim={self.out_dim} needs an output projection: without one the "
                          f"output width is heads * head_dim = {self.num_heads * head_dim}")
-      out = jnp.einsum(f"{out_axes}->bnhk", out)
       return out.reshape(out.shape[:-2] + (self.num_heads * head_dim,))
     kernel, out_bias = DenseParams(heads, (self.out_dim or inputs_q.shape[-1],),
                                    self.proj_bias, self.dtype, name="out")()
-    # [b * n, heads * head_dim] x [heads * head_dim, d]: as `_project`, a plain matmul.
-    out = jnp.einsum(f"{out_axes}->bnhk", out)
-    y = (out.reshape(-1, kernel.shape[0] * kernel.shape[1])
-         @ kernel.reshape(-1, kernel.shape[-1])).reshape(*out.shape[:2], kernel.shape[-1])
+    y = _matmul_2d(out, kernel, 2)
     return y if out_bias is None else y + out_bias
+
+
+def _matmul_2d(x: jax.Array, kernel: jax.Array, contracted: int) -> jax.Array:
+  """x [..., *c] against kernel [*c, *o] -> [..., *o] (c: the last `contracted` axes of x)
+  as one plain [rows, prod(c)] x [prod(c), prod(o)] matmul. XLA's CPU backend ran the
+  attention's projections as einsums over the split axes 1.05x (ViT-S/16) to 2.1x (CCT
+  seed) slower, forward and backward (benchmarks/PROFILE.md)."""
+  lead, out = x.shape[:x.ndim - contracted], kernel.shape[contracted:]
+  y = x.reshape(math.prod(lead), -1) @ kernel.reshape(math.prod(kernel.shape[:contracted]),
+                                                      -1)
+  return y.reshape(*lead, *out)
 
 
 def _project(x: jax.Array, params: Sequence[tuple[jax.Array, jax.Array | None]],
@@ -340,20 +348,14 @@ def _project(x: jax.Array, params: Sequence[tuple[jax.Array, jax.Array | None]],
   """x [batch, n, d] against each (kernel [d, heads, head_dim], bias) in one matmul:
   a [batch, heads, n, head_dim] (`layout='bhnk'`) or [batch, n, heads, head_dim] ('bnhk')
   array per projection."""
-  # One plain [b * n, d] x [d, p * heads * head_dim] matmul, its output sliced and
-  # transposed after: the same product as einsum('bnd,pdhk->pbhnk'), whose forward and
-  # backward XLA's CPU backend ran 1.05x (ViT-S/16) to 2.1x (CCT seed) slower
-  # (benchmarks/PROFILE.md).
-  kernels = jnp.stack([kernel for kernel, _ in params], axis=1)  # [d, p, heads, head_dim]
-  d, count, heads, head_dim = kernels.shape
-  y = (x.reshape(-1, d) @ kernels.reshape(d, -1)).reshape(*x.shape[:-1], count, heads,
-                                                            head_dim)
+  # [b, n, p, heads, head_dim] from one plain matmul, sliced and transposed after.
+  y = _matmul_2d(x, jnp.stack([kernel for kernel, _ in params], axis=1), 1)
   if params[0][1] is not None:
     y = y + jnp.stack([bias for _, bias in params])        # [p, heads, head_dim]
   # index_in_dim (slice, squeeze), not y[:, :, i]: with a symbolic batch (export) indexing
   # becomes a gather that the TFLite converter rejects.
   return [jnp.einsum(f"bnhk->{layout}", jax.lax.index_in_dim(y, i, 2, keepdims=False))
-          for i in range(count)]
+          for i in range(len(params))]
 
 
 BLOCK_FORMS = ("pre_norm", "cct")
