@@ -46,8 +46,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from efficient_vit import (augment, cost, cpu_random, device_input, init_from, input_pipeline,
-                           metric_logging, optim)
+from efficient_vit import (augment, cost, cpu_kernels, cpu_random, device_input, init_from,
+                           input_pipeline, metric_logging, optim)
 from efficient_vit.models import build_model
 
 AXIS = "data"
@@ -233,10 +233,12 @@ class DataParallel:
     # on, the gradient of the replicated parameters would arrive already summed over
     # devices and the explicit pmean would not be the mean.
     shard = functools.partial(jax.shard_map, mesh=self.mesh, check_vma=False)
+    options = cpu_kernels.compiler_options()  # on CPU: convolutions on all threads
     self.train_step = jax.jit(
         shard(train_fn, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P())),
-        donate_argnums=0)
-    self.eval_step = jax.jit(shard(eval_fn, in_specs=(P(), P(AXIS)), out_specs=P()))
+        donate_argnums=0, compiler_options=options)
+    self.eval_step = jax.jit(shard(eval_fn, in_specs=(P(), P(AXIS)), out_specs=P()),
+                             compiler_options=options)
 
   def _global_mesh(self) -> None:
     self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
@@ -302,6 +304,7 @@ class PmapParallel(DataParallel):
   def __init__(self, train_fn: Callable, eval_fn: Callable):  # pylint: disable=W0231
     self._global_mesh()
     self.local_mesh = Mesh(np.asarray(jax.local_devices()), (AXIS,))
+    # jax.pmap takes no compiler_options: on CPU its convolutions stay YNNPACK's (cpu_kernels).
     self.train_step = jax.pmap(train_fn, axis_name=AXIS, in_axes=(0, 0, None),
                                donate_argnums=0)
     self.eval_step = jax.pmap(eval_fn, axis_name=AXIS)
@@ -361,10 +364,12 @@ class FsdpParallel(DataParallel):
                abstract_state: Callable[[], Any]):
     self._global_mesh()
     self._state_sharding = self.state_sharding(abstract_state())
+    options = cpu_kernels.compiler_options()
     self.train_step = jax.jit(functools.partial(train_fn, axis_name=None), donate_argnums=0,
-                              out_shardings=(self._state_sharding, self.replicated))
+                              out_shardings=(self._state_sharding, self.replicated),
+                              compiler_options=options)
     self.eval_step = jax.jit(functools.partial(eval_fn, axis_name=None),
-                             out_shardings=self.replicated)
+                             out_shardings=self.replicated, compiler_options=options)
 
   def state_sharding(self, state):
     n = self.mesh.size

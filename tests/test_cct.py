@@ -324,38 +324,3 @@ def test_max_pool_gradient_equals_xla_with_ties(size, padding):
   np.testing.assert_allclose(grad, xla_grad, rtol=1e-6, atol=1e-6)
   # Each window's cotangent lands once: the gradient sums to the cotangent's sum.
   np.testing.assert_allclose(grad.sum(), cotangent.sum(), rtol=1e-5)
-
-
-@pytest.mark.parametrize("batch, kernel_size, strides, padding", [
-    (3, (3, 3), (1, 1), "VALID"), (3, (3, 3), (1, 1), "SAME"),
-    (3, (2, 3), (1, 1), ((1, 0), (2, 1))), (3, (7, 7), (2, 2), ((3, 3), (3, 3))),
-    (3, (3, 3), (1, 1), ((-1, 1), (1, 1))),
-    # Batches split into 8 and 2 groups of images for the taps' products on CPU.
-    (16, (3, 3), (1, 1), "SAME"), (6, (2, 3), (1, 1), ((1, 0), (2, 1)))])
-def test_conv_with_tap_kernel_gradient_equals_lax(batch, kernel_size, strides, padding):
-  # Stride-1 convolutions take the per-tap kernel gradient; strided ones and negative
-  # padding fall back to lax. Either way: lax's outputs and both gradients.
-  images = jax.random.normal(jax.random.key(0), (batch, 11, 10, 5))
-  conv = nn.Conv(4, kernel_size, strides=strides, padding=padding, use_bias=True)
-  params = conv.init(jax.random.key(1), images)
-  tapped = nn.Conv(4, kernel_size, strides=strides, padding=padding, use_bias=True,
-                   conv_general_dilated=layers.conv_general_dilated)
-  out, vjp = jax.vjp(lambda p, x: tapped.apply(p, x), params, images)
-  expected, lax_vjp = jax.vjp(lambda p, x: conv.apply(p, x), params, images)
-  np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
-  cotangent = jax.random.normal(jax.random.key(2), out.shape)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-               vjp(cotangent), lax_vjp(cotangent))
-
-
-def test_conv_tokenizer_gradients_unchanged_by_the_tap_kernel_gradient(monkeypatch):
-  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  tokenizer = ConvTokenizer(dim=16, hidden_channels=8, num_layers=2, kernel_size=3, stride=1,
-                            padding=1, form="keras")
-  params = tokenizer.init(jax.random.key(1), images)
-  loss = lambda p: jnp.sum(jnp.sin(tokenizer.apply(p, images)))
-  grads = jax.grad(loss)(params)
-  monkeypatch.setattr(layers, "conv_general_dilated", jax.lax.conv_general_dilated)
-  expected = jax.grad(loss)(params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads,
-               expected)

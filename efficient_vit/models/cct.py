@@ -82,9 +82,6 @@ class ConvTokenizer(nn.Module):
   whose "same" padding is TensorFlow's: the pool_padding field is not used, and on an even
   map the one padded row and column come after, none before). Same parameters, same token
   count at the preset's sizes, different values.
-
-  The convolutions are flax's `nn.Conv` with `layers.conv_general_dilated`: at stride 1 the
-  kernel's gradient is computed per kernel tap (the same gradient, faster on CPU).
   """
 
   dim: int
@@ -123,7 +120,7 @@ class ConvTokenizer(nn.Module):
       x = nn.Conv(channels, (self.kernel_size,) * 2, strides=(self.stride,) * 2,
                   padding=conv_padding, use_bias=False, dtype=self.dtype,
                   kernel_init=he_normal_init,
-                  conv_general_dilated=layers.conv_general_dilated, name=f"conv_{i}")(x)
+                  name=f"conv_{i}")(x)
       x = nn.relu(x)
       if keras:  # zeros after the ReLU: they take part in the max
         x = jnp.pad(x, ((0, 0), (self.padding,) * 2, (self.padding,) * 2, (0, 0)))

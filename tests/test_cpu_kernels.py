@@ -1,0 +1,99 @@
+"""XLA's CPU kernel options: convolutions leave YNNPACK, dots and reductions stay, values equal."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from efficient_vit import cpu_kernels, train
+
+
+def _conv(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _loss(x, w, v):
+  """A convolution, a dot and a row reduction, as a tokenizer and an attention block have."""
+  y = jax.nn.relu(_conv(x, w))
+  z = y.reshape(-1, y.shape[-1]) @ v
+  return jnp.mean(jnp.tanh(z)) + jnp.mean(jnp.max(y, axis=-1))
+
+
+def _args():
+  """CCT's second tokenizer convolution (64 -> 128 channels at 16 x 16), batch 4: a shape
+  that YNNPACK takes by default (it leaves small ones to Eigen)."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  return (jax.random.normal(keys[0], (4, 16, 16, 64)),
+          jax.random.normal(keys[1], (3, 3, 64, 128)) / 24.0,
+          jax.random.normal(keys[2], (128, 24)) / 11.3)
+
+
+def _ynn_fusions(text: str) -> list[list[str]]:
+  """For each `ynn_fusion` of a compiled program's text (what YNNPACK runs), the opcodes of
+  the computation it calls, parameters and constants left out."""
+  called = re.findall(r"%ynn_fusion[\w.]* = .* calls=%([\w.\-]+)", text)
+  bodies, name = {}, None
+  for line in text.splitlines():
+    head = re.match(r"(?:ENTRY )?%([\w.\-]+) ", line)
+    if head and line.rstrip().endswith("{"):
+      name = head.group(1)
+      bodies[name] = []
+    elif name and "=" in line:
+      op = re.search(r"= \S+ ([\w\-]+)\(", line).group(1)
+      if op not in ("parameter", "constant"):
+        bodies[name].append(op)
+  return [bodies[c] for c in called]
+
+
+def _ynn(fn, options, *args) -> list[list[str]]:
+  return _ynn_fusions(jax.jit(fn, compiler_options=options).lower(*args).compile().as_text())
+
+
+def test_options_apply_on_cpu_only():
+  assert cpu_kernels.compiler_options() == cpu_kernels.CPU_OPTIONS
+  assert cpu_kernels.compiler_options("gpu") is None
+  assert cpu_kernels.compiler_options("tpu") is None
+
+
+def test_convolutions_leave_ynnpack_and_dots_stay():
+  x, w, v = _args()
+  # By default the convolution is a YNNPACK fusion; with the options it is not.
+  # A lone convolution is YNNPACK's by default (one thread); with the options, Eigen's. (A
+  # convolution fused into a YNNPACK reduction stays there, on all threads.)
+  assert _ynn(_conv, None, x, w) == [["convolution"]], "YNNPACK no longer takes convolutions"
+  assert _ynn(_conv, cpu_kernels.CPU_OPTIONS, x, w) == []
+  dot = lambda a, b: a @ b
+  reduce = lambda a: jnp.sum(a * a, axis=-1)
+  a = jnp.ones((64, 128))
+  for fn, args in ((dot, (a, v)), (reduce, (a,))):
+    assert _ynn(fn, cpu_kernels.CPU_OPTIONS, *args) == _ynn(fn, None, *args) != []
+
+
+def test_values_and_gradients_equal_the_defaults():
+  args = _args()
+  grad = jax.value_and_grad(_loss, argnums=(0, 1, 2))
+  default = jax.jit(grad)(*args)
+  eigen = jax.jit(grad, compiler_options=cpu_kernels.CPU_OPTIONS)(*args)
+  for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(eigen)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["shard_map", "fsdp"])
+def test_the_runners_compile_their_steps_with_the_options(kind):
+  x, w, _ = _args()
+
+  def step(state, batch, rng, axis_name="data"):  # A gradient step through a convolution.
+    del rng, axis_name
+    loss = lambda w: jnp.mean(jnp.tanh(_conv(batch["image"], w)))
+    return {"w": state["w"] - jax.grad(loss)(state["w"])}, {}
+
+  state = {"w": w}
+  parallel = train.data_parallel(kind, step, lambda v, b, axis_name="data": {},
+                                 lambda: jax.eval_shape(lambda: state))
+  text = parallel.train_step.lower(parallel.put_state(state),
+                                   parallel.put_batch({"image": np.asarray(x)}),
+                                   jax.random.key(0)).compile().as_text()
+  assert "convolution(" in text and ["convolution"] not in _ynn_fusions(text)
