@@ -121,7 +121,8 @@ def test_depthwise_conv_equals_a_grouped_convolution(side, strides, kernel_size)
 
 @pytest.mark.parametrize("side,strides,kernel_size,padding", [
     (8, 1, 3, "symmetric"), (8, 2, 3, "symmetric"), (9, 2, 3, "symmetric"),
-    (8, 2, 3, "same"), (9, 2, 3, "same"), (7, 1, 5, "symmetric"), (10, 2, 5, "same")])
+    (8, 2, 3, "same"), (9, 2, 3, "same"), (7, 1, 5, "symmetric"), (10, 2, 5, "same"),
+    (11, 3, 3, "symmetric"), (10, 3, 5, "same")])  # strides > 1: the gradients by phase
 def test_depthwise_conv_gradients_equal_the_grouped_convolutions(side, strides, kernel_size,
                                                                  padding):
   """`depthwise_conv`'s written-out gradient against autodiff of lax's grouped convolution,
