@@ -52,8 +52,15 @@ def _ynn(fn, options, *args) -> list[list[str]]:
   return _ynn_fusions(jax.jit(fn, compiler_options=options).lower(*args).compile().as_text())
 
 
+@pytest.fixture(autouse=True)
+def _on_cpu():
+  if jax.default_backend() != "cpu":
+    pytest.skip("XLA's CPU backend options")
+
+
 def test_options_apply_on_cpu_only():
   assert cpu_kernels.compiler_options() == cpu_kernels.CPU_OPTIONS
+  assert cpu_kernels.compiler_options("cpu") == cpu_kernels.CPU_OPTIONS
   assert cpu_kernels.compiler_options("gpu") is None
   assert cpu_kernels.compiler_options("tpu") is None
 
