@@ -58,11 +58,39 @@ def _on_cpu():
     pytest.skip("XLA's CPU backend options")
 
 
-def test_options_apply_on_cpu_only():
+def test_options_apply_on_cpu_only(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   assert cpu_kernels.compiler_options() == cpu_kernels.CPU_OPTIONS
   assert cpu_kernels.compiler_options("cpu") == cpu_kernels.CPU_OPTIONS
   assert cpu_kernels.compiler_options("gpu") is None
   assert cpu_kernels.compiler_options("tpu") is None
+  assert cpu_kernels.compiler_options(keep_barriers=True) == {
+      **cpu_kernels.CPU_OPTIONS, "xla_disable_hlo_passes": "cse_barrier_expander"}
+  assert cpu_kernels.compiler_options("gpu", keep_barriers=True) is None
+
+
+def test_passes_disabled_by_xla_flags_stay_disabled(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=algsimp,cse --xla_dump_to=/x")
+  assert (cpu_kernels.compiler_options(keep_barriers=True)["xla_disable_hlo_passes"]
+          == "algsimp,cse,cse_barrier_expander")
+
+
+def test_optimization_barriers_reach_the_compiled_program_and_change_no_value():
+  """`jax.checkpoint`'s barriers survive XLA's CPU pipeline (so that its recomputation is
+  not merged back into the forward pass; the memory itself: tests/test_scan_remat.py)."""
+  def loss(w, x):
+    block = jax.checkpoint(lambda w, x: jnp.tanh(x @ w) @ w.T)
+    return jnp.sum(block(w, block(w, x)) ** 2)
+
+  w = jax.random.normal(jax.random.key(0), (32, 64)) / 6.0
+  x = jax.random.normal(jax.random.key(1), (16, 32))
+  grad = jax.grad(loss)
+  options = cpu_kernels.compiler_options(keep_barriers=True)
+  kept = jax.jit(grad, compiler_options=options).lower(w, x).compile()
+  assert "opt-barrier" in kept.as_text()
+  plain = jax.jit(grad, compiler_options=cpu_kernels.compiler_options())
+  assert "opt-barrier" not in plain.lower(w, x).compile().as_text()
+  np.testing.assert_allclose(kept(w, x), jax.jit(grad)(w, x), rtol=1e-5, atol=1e-6)
 
 
 def test_convolutions_leave_ynnpack_and_dots_stay():

@@ -236,3 +236,19 @@ def test_the_benchmark_times_the_trainers_own_assembly(tiny_vit_config, monkeypa
 def test_only_pmap_on_fake_cpu_devices_waits_for_each_step(tiny_vit_config, kind, blocks):
   tiny_vit_config.parallelism = kind
   assert train.build(tiny_vit_config, INFO).parallel.block_each_step is blocks
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU pipeline")
+@pytest.mark.parametrize("remat,kept", [("none", False), ("block", True)])
+def test_a_remat_step_keeps_its_recomputation_apart_on_cpu(tiny_vit_config, remat, kept):
+  """`model.remat` builds a train step whose optimization barriers reach the compiled
+  program (cpu_kernels: without them XLA merges the recomputation back into the forward
+  pass and remat saves no memory); a step without remat compiles as before."""
+  tiny_vit_config.model.update(depth=2, remat=remat)
+  experiment = train.build(tiny_vit_config, INFO)
+  parallel = experiment.parallel
+  batch = {"image": np.zeros((8, 32, 32, 3), np.float32), "label": np.zeros(8, np.int32)}
+  text = parallel.train_step.lower(parallel.put_state(experiment.init_state()),
+                                   parallel.put_batch(batch),
+                                   experiment.rng).compile().as_text()
+  assert ("opt-barrier" in text) is kept
