@@ -246,10 +246,12 @@ class MultiHeadAttention(nn.Module):
 
   `attention_impl` (`ATTENTION_IMPLS`): `xla` is the einsum / softmax program in that
   head-major layout (what `jax.nn.dot_product_attention(implementation="xla")` computes,
-  without its transposes; the einsums are `attention_logits` and `attention_values`),
-  also used whatever `attention_impl` says when attention dropout is active or the
-  weights are being extracted (the `intermediates` collection is mutable); `cudnn` goes
-  through `jax.nn.dot_product_attention` for the fused kernel.
+  without its transposes; `attention_logits`, then the softmax and the value product in
+  `softmax_values`, whose gradient takes the softmax's row sums from the output), also
+  used whatever `attention_impl` says when attention dropout is active or the weights are
+  being extracted (the `intermediates` collection is mutable: then the softmax is applied
+  and sown first); `cudnn` goes through `jax.nn.dot_product_attention` for the fused
+  kernel.
   `bias` broadcasts to [batch, heads, n, m]; `mask` (True = attend) likewise.
   `qkv_bias` puts biases on the query, key and value projections (timm's `qkv_bias`;
   the official CCT has none), `proj_bias` on the output projection.
@@ -310,10 +312,17 @@ class MultiHeadAttention(nn.Module):
         logits = logits + bias.astype(jnp.float32)
       if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-      weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-      sow_attention(self, weights)  # kept only where `intermediates` is mutable
-      weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=not train)
-      out = attention_values(weights, v)
+      if self.is_mutable_collection("intermediates"):
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        sow_attention(self, weights)
+        weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=not train)
+        out = attention_values(weights, v)
+      else:
+        dropout = None
+        if train and self.attention_dropout_rate > 0.0:  # nn.Dropout's scale of each weight
+          dropout = nn.Dropout(self.attention_dropout_rate)(
+              jnp.ones(logits.shape, self.dtype), deterministic=False)
+        out = softmax_values(logits, v, dropout)
       out_axes = "bhnk"
     else:
       out = jax.nn.dot_product_attention(
@@ -669,6 +678,53 @@ def _attention_values_bwd(residuals, g):
 
 
 attention_values.defvjp(_attention_values_fwd, _attention_values_bwd)
+
+
+# softmax(logits) v with one identity in its gradient: the softmax's backward pass needs,
+# for each query row n, s_n = sum_m dP_nm P_nm (dP the gradient of the weights P), a
+# reduction over the m key tokens of two [b, h, n, m] arrays. With O = P V and dP = dO V^T
+# that sum is dO_n . O_n, a reduction over head_dim of the [b, h, n, d] output and its
+# gradient (FlashAttention's D = rowsum(dO * O)); it holds with attention dropout too, O
+# being the product of the dropped-out weights. The saving grows with tokens per head_dim:
+# MobileViT-XXS's train step (256 tokens, head_dim 16) 1.085x, CCT's 1.02x, Swin-T's and
+# ViT-S/16's unchanged on a 2-core CPU (benchmarks/PROFILE.md, "The softmax's row sums").
+
+
+@jax.custom_vjp
+def softmax_values(logits: jax.Array, v: jax.Array,
+                   dropout: jax.Array | None = None) -> jax.Array:
+  """`attention_values(softmax(logits) * dropout, v)`: logits [b, h, n, m] (float32), v
+  [b, h, m, d] -> [b, h, n, d] in v's dtype. `dropout`: None, or the dropout's scale per
+  weight (0 or 1 / keep, broadcasting to logits), applied after the weights are cast to
+  v's dtype, as `nn.Dropout` on the weights would."""
+  return _softmax_values_fwd(logits, v, dropout)[0]
+
+
+def _softmax_values_fwd(logits, v, dropout):
+  weights = jax.nn.softmax(logits, axis=-1)
+  dropped = weights.astype(v.dtype)
+  if dropout is not None:
+    dropped = dropped * dropout.astype(v.dtype)
+  out = attention_values(dropped, v)
+  return out, (weights, v, dropout, out)
+
+
+def _softmax_values_bwd(residuals, g):
+  weights, v, dropout, out = residuals
+  dropped = weights.astype(v.dtype)
+  if dropout is not None:
+    dropped = dropped * dropout.astype(v.dtype)
+  d_dropped, dv = _attention_values_bwd((dropped, v), g)
+  d_weights = d_dropped.astype(jnp.float32)
+  if dropout is not None:
+    d_weights = d_weights * dropout.astype(jnp.float32)
+  row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_logits = weights * (d_weights - row)
+  return (d_logits.astype(weights.dtype), dv,
+          None if dropout is None else jnp.zeros_like(dropout))
+
+
+softmax_values.defvjp(_softmax_values_fwd, _softmax_values_bwd)
 
 
 def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,

@@ -141,3 +141,36 @@ def test_attention_products_have_autodiffs_gradients(tokens, head_dim, dtype):
     assert a.dtype == b.dtype == dtype
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_softmax_values_has_autodiffs_gradients(dropout, dtype):
+  """The fused softmax and value product: values and gradients (logits, v) equal autodiff of
+  the softmax, the dropout's scaling and the plain product, with a bias and a mask in the
+  logits (Swin's shifted windows); its row sums come from the output instead of the weights."""
+  b, h, n, m, d = 2, 3, 16, 24, 8
+  logits = 3.0 * jax.random.normal(jax.random.key(0), (b, h, n, m))
+  logits = jnp.where(jnp.arange(m) < 20, logits, jnp.finfo(jnp.float32).min)  # masked keys
+  v = jax.random.normal(jax.random.key(1), (b, h, m, d), dtype)
+  scale = None
+  if dropout:
+    scale = jax.random.bernoulli(jax.random.key(2), 0.8, (b, h, n, m)).astype(dtype) / 0.8
+  cotangent = jax.random.normal(jax.random.key(3), (b, h, n, d))
+
+  def reference(logits, v):
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    weights = weights if scale is None else weights * scale
+    return jnp.einsum("bhnm,bhmk->bhnk", weights, v)
+
+  def loss(fn, logits, v):
+    return jnp.sum(fn(logits, v).astype(jnp.float32) * cotangent)
+
+  ours = jax.value_and_grad(functools.partial(loss, lambda l, v: layers.softmax_values(
+      l, v, scale)), argnums=(0, 1))(logits, v)
+  autodiff = jax.value_and_grad(functools.partial(loss, reference), argnums=(0, 1))(logits, v)
+  tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
+  for a, b_ in zip(jax.tree.leaves(ours), jax.tree.leaves(autodiff)):
+    assert a.dtype == b_.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b_, np.float32),
+                               rtol=tolerance, atol=tolerance)
