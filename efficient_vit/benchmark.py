@@ -22,9 +22,10 @@ Token sweep (see `efficient_vit/token_sweep.py` for what it measures):
 What the numbers mean:
   - FLOPs are XLA's cost analysis of the compiled program. A data-parallel step's program
     is one device's share, so train FLOPs per step = its count x the number of devices.
-    Where the cost analysis has no FLOP count, or counts a loop body once (`model.scan`),
-    3 x the forward FLOPs x batch is used (`train_flops_source` says which); forward
-    FLOPs are always those of the unscanned model.
+    Where the cost analysis has no FLOP count, counts a loop body once (`model.scan`) or
+    counts the recomputation (`model.remat`: model FLOPs, as MFU is defined, leave it
+    out), 3 x the forward FLOPs x batch is used (`train_flops_source` says which);
+    forward FLOPs are always those of the unscanned model.
   - MFU = train FLOPs per step x steps per second (fixed batch) / (devices x the device's
     dense peak). Peaks come from `PEAK_TFLOPS` matched against `device_kind`, for the
     activation dtype: the float32 figures are the non-tensor-core peaks, so an f32 run
@@ -286,7 +287,10 @@ def benchmark_config(config, *, config_name: str = "", steps: int = 10, warmup_s
   compile_train_s = timer.compile_train(train_batch)
   _check_host_memory(timer.train)
   compile_eval_s = timer.compile_eval(eval_batch)
-  train_flops = None if config.model.get("scan") else cost.program_flops(timer.train)
+  # A scanned step's cost analysis counts its loop body once; a remat step's counts the
+  # recomputation, which model FLOPs (and so MFU) leave out: 3 x forward for both.
+  counted = not config.model.get("scan") and config.model.get("remat", "none") == "none"
+  train_flops = cost.program_flops(timer.train) if counted else None
   if train_flops is not None:
     train_flops *= jax.device_count()  # The program is one device's share of the step.
     flops_source = "compiled"

@@ -129,16 +129,20 @@ def test_single_config_prints_one_json_line(capsys, monkeypatch):
   assert record["mfu"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_a_scanned_model_counts_the_flops_of_every_block(tiny_vit_config):
-  # XLA's cost analysis counts a loop body once: the FLOPs of a scanned model come from
-  # its unscanned equivalent, so they equal the unscanned model's.
+@pytest.mark.parametrize("field,value", [("scan", True), ("remat", "block")])
+def test_scanned_and_remat_models_count_model_flops(tiny_vit_config, field, value):
+  # XLA's cost analysis counts a loop body once, and counts a remat step's recomputation
+  # (not model FLOPs): both take their FLOPs from the unscanned forward pass, so the
+  # forward count equals the plain model's.
   tiny_vit_config.update(batch_size=4)
   tiny_vit_config.model.depth = 3
   records = {}
-  for scan in (False, True):
-    tiny_vit_config.model.scan = scan
-    records[scan] = benchmark.benchmark_config(tiny_vit_config, steps=1, warmup_steps=0,
-                                               input_mode="fixed")
+  for changed in (False, True):
+    if changed:
+      tiny_vit_config.model[field] = value
+    records[changed] = benchmark.benchmark_config(tiny_vit_config, steps=1, warmup_steps=0,
+                                                  input_mode="fixed")
+  assert records[False]["train_flops_source"] == "compiled"
   assert records[True]["forward_gflops_per_image"] == pytest.approx(
       records[False]["forward_gflops_per_image"], rel=1e-6)
   assert records[True]["train_flops_source"] == "3x_forward"
