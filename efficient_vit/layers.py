@@ -249,9 +249,8 @@ class MultiHeadAttention(nn.Module):
   without its transposes; `attention_logits`, then the softmax and the value product in
   `softmax_values`, whose gradient takes the softmax's row sums from the output), also
   used whatever `attention_impl` says when attention dropout is active or the weights are
-  being extracted (the `intermediates` collection is mutable: then the softmax is applied
-  and sown first); `cudnn` goes through `jax.nn.dot_product_attention` for the fused
-  kernel.
+  being extracted (the `intermediates` collection is mutable: the weights are sown
+  too); `cudnn` goes through `jax.nn.dot_product_attention` for the fused kernel.
   `bias` broadcasts to [batch, heads, n, m]; `mask` (True = attend) likewise.
   `qkv_bias` puts biases on the query, key and value projections (timm's `qkv_bias`;
   the official CCT has none), `proj_bias` on the output projection.
@@ -313,16 +312,12 @@ class MultiHeadAttention(nn.Module):
       if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
       if self.is_mutable_collection("intermediates"):
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        sow_attention(self, weights)
-        weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=not train)
-        out = attention_values(weights, v)
-      else:
-        dropout = None
-        if train and self.attention_dropout_rate > 0.0:  # nn.Dropout's scale of each weight
-          dropout = nn.Dropout(self.attention_dropout_rate)(
-              jnp.ones(logits.shape, self.dtype), deterministic=False)
-        out = softmax_values(logits, v, dropout)
+        sow_attention(self, jax.nn.softmax(logits, axis=-1).astype(self.dtype))
+      dropout = None
+      if train and self.attention_dropout_rate > 0.0:  # nn.Dropout's scale of each weight
+        dropout = nn.Dropout(self.attention_dropout_rate)(
+            jnp.ones(logits.shape, self.dtype), deterministic=False)
+      out = softmax_values(logits, v, dropout)
       out_axes = "bhnk"
     else:
       out = jax.nn.dot_product_attention(
@@ -700,21 +695,22 @@ def softmax_values(logits: jax.Array, v: jax.Array,
   return _softmax_values_fwd(logits, v, dropout)[0]
 
 
+def _dropped(weights, dtype, dropout):
+  """The weights the value product sees: cast to `dtype`, then scaled by `dropout`."""
+  weights = weights.astype(dtype)
+  return weights if dropout is None else weights * dropout.astype(dtype)
+
+
 def _softmax_values_fwd(logits, v, dropout):
   weights = jax.nn.softmax(logits, axis=-1)
-  dropped = weights.astype(v.dtype)
-  if dropout is not None:
-    dropped = dropped * dropout.astype(v.dtype)
-  out = attention_values(dropped, v)
+  out = attention_values(_dropped(weights, v.dtype, dropout), v)
   return out, (weights, v, dropout, out)
 
 
 def _softmax_values_bwd(residuals, g):
   weights, v, dropout, out = residuals
-  dropped = weights.astype(v.dtype)
-  if dropout is not None:
-    dropped = dropped * dropout.astype(v.dtype)
-  d_dropped, dv = _attention_values_bwd((dropped, v), g)
+  # The dropped weights recomputed (an elementwise pass) rather than kept beside `weights`.
+  d_dropped, dv = _attention_values_bwd((_dropped(weights, v.dtype, dropout), v), g)
   d_weights = d_dropped.astype(jnp.float32)
   if dropout is not None:
     d_weights = d_weights * dropout.astype(jnp.float32)
