@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from flax import linen as flax_nn
 
 from efficient_vit import augment, input_pipeline, optim, train
 from efficient_vit.metric_logging import read_metrics
@@ -77,6 +78,56 @@ def test_shard_map_and_pmap_give_the_same_parameters(tiny_vit_config):
   _, fresh = _steps(tiny_vit_config, "shard_map")
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), params_a, jax.device_get(fresh.params))
   assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+class _SqrtLogits(flax_nn.Module):
+  """Logits sqrt(w) with w = 0: a finite loss whose gradient in w is infinite."""
+
+  @flax_nn.compact
+  def __call__(self, images, train=False):
+    w = self.param("w", flax_nn.initializers.zeros, (10,))
+    return jnp.zeros(images.shape[:1] + (1,)) + jnp.sqrt(w)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_an_infinite_gradient_under_a_finite_loss_is_not_finite(tiny_vit_config, skip):
+  tiny_vit_config.augment.update(crop="none", flip=False)
+  model = _SqrtLogits()
+  tx, schedule = optim.make_optimizer(tiny_vit_config.optimizer, 10, 100)
+  state = train.create_train_state(model, tx, (1, 32, 32, 3), jax.random.key(0))
+  augmentation = augment.from_config(tiny_vit_config, 10, 10,
+                                     *input_pipeline.normalisation("cifar10"))
+  new_state, metrics = jax.jit(functools.partial(
+      train.train_step, model=model, tx=tx, schedule=schedule, augmentation=augmentation,
+      skip_nonfinite=skip, axis_name=None))(state, _fixed_batch(),
+                                            jax.random.key_data(jax.random.key(1)))
+  assert np.isfinite(metrics["loss"]) and not np.isfinite(metrics["grad_norm"])
+  assert metrics["finite"] == 0.0
+  assert int(new_state.step) == 1
+  kept = np.asarray(new_state.params["w"])
+  assert np.array_equal(kept, np.zeros(10)) if skip else not np.isfinite(kept).all()
+
+
+def test_grad_norm_is_the_global_norm_of_the_mean_gradient(tiny_vit_config):
+  # The norm is measured even where nothing clips; no smoothing, as `loss_fn` below.
+  tiny_vit_config.optimizer.update(grad_clip_norm=0.0, label_smoothing=0.0)
+  tiny_vit_config.augment.update(crop="none", flip=False)
+  parallel, state = _steps(tiny_vit_config, "shard_map")
+  batch = _fixed_batch()
+  _, metrics = parallel.train_step(parallel.put_state(state), parallel.put_batch(batch),
+                                   jax.random.key_data(jax.random.key(1)))
+  model = build_model(tiny_vit_config.model, 10)
+
+  def loss_fn(params):
+    images = augment.normalise(batch["image"], *input_pipeline.normalisation("cifar10"))
+    logits = model.apply({"params": params}, images)
+    return train.cross_entropy(logits, batch["label"]).mean()
+
+  grads = jax.grad(loss_fn)(state.params)
+  expected = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
+  metrics = parallel.first(metrics)
+  np.testing.assert_allclose(metrics["grad_norm"], expected, rtol=1e-4)
+  assert metrics["finite"] == 1.0
 
 
 def test_gradients_are_averaged_over_devices(tiny_vit_config):
@@ -238,6 +289,7 @@ def test_schedules():
 _LAUNCH = """
 import sys
 import tensorflow_datasets as tfds
+from flax import linen as flax_nn
 from absl import app
 sys.argv = ["launch.py"] + sys.argv[1:]
 import launch
