@@ -65,7 +65,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
-from efficient_vit import scan_layout
+from efficient_vit import layers, scan_layout
 from efficient_vit.models import build_model
 
 FORMATS = ("stablehlo", "saved_model", "tflite", "onnx")
@@ -149,7 +149,8 @@ def serving_function(model, mean, std) -> Callable[[Any, jax.Array], jax.Array]:
 
   def serve(variables, images):
     x = (images.astype(jnp.float32) / 255.0 - mean) / std
-    return model.apply(variables, x, train=False).astype(jnp.float32)
+    with layers.portable_gelu():  # Readable by TensorFlow's StableHLO (layers.gelu).
+      return model.apply(variables, x, train=False).astype(jnp.float32)
 
   return serve
 

@@ -19,6 +19,7 @@ import re
 import zipfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -234,6 +235,20 @@ def test_exact_and_tanh_gelu_differ():
   erf = np.vectorize(math.erf)
   np.testing.assert_allclose(exact, 0.5 * x * (1 + erf(x / np.sqrt(2))), atol=1e-6)
   assert np.abs(exact - np.asarray(layers.ACTIVATIONS["gelu_tanh"](x))).max() > 1e-4
+
+
+def test_exact_gelu_gradient_and_dtype():
+  x = np.linspace(-6, 6, 241, dtype=np.float32)
+  grad = np.asarray(jax.vmap(jax.grad(layers.gelu))(x))
+  erf = np.vectorize(math.erf)
+  cdf = 0.5 * (1 + erf(x.astype(np.float64) / np.sqrt(2)))
+  pdf = np.exp(-0.5 * x.astype(np.float64) ** 2) / np.sqrt(2 * np.pi)
+  np.testing.assert_allclose(grad, cdf + x * pdf, atol=1e-6)
+  assert layers.gelu(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
+  # The form exports trace (tests/test_export.py reads them back through TensorFlow).
+  with layers.portable_gelu():
+    np.testing.assert_array_equal(layers.gelu(x), jax.nn.gelu(x, approximate=False))
+  np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
 
 
 def test_swin_older_names(loaded):
