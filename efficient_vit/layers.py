@@ -111,7 +111,7 @@ class Mlp(nn.Module):
         self.hidden_dropout_rate)
     for i, width in enumerate(self.features):
       x = nn.Dense(width, dtype=self.dtype, kernel_init=dense_init,
-                   bias_init=nn.initializers.normal(stddev=1e-6))(x)
+                   bias_init=nn.initializers.normal(stddev=1e-6), dot_general=dot_general)(x)
       if i < last or self.activate_last:
         x = act(x)
       x = nn.Dropout(self.dropout_rate if i == last else hidden_rate)(x, deterministic=not train)
@@ -765,9 +765,10 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
   own dot emitter. Here it is `_contract_rows`, as for the attention's: on CPU the
   narrower operand is transposed first and the product is a plain matmul in YNNPACK: a 1x1
   convolution from 16 to 64 channels on [16, 128, 128] 2.3x faster forward and backward,
-  the MobileViT-XXS step 1.12x; the transformers' MLPs (hundreds of rows per channel, not
-  thousands) gained nothing measurable and keep lax's (benchmarks/PROFILE.md). Other
-  contractions are lax's.
+  the MobileViT-XXS step 1.12x. `Mlp`'s Dense layers take it too: train steps 1.01-1.06x
+  (ViT-S/16, Swin-T, CCT, MobileViT-XXS on a 2-core CPU), where an earlier, noisier
+  measurement had seen nothing; the attention's projections (`_matmul_2d`) keep lax's,
+  with which CCT's step ran 0.95x (benchmarks/PROFILE.md). Other contractions are lax's.
   """
   (lhs_contract, rhs_contract), batch = dimension_numbers
   dense = (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
