@@ -53,10 +53,59 @@ def gelu(x: jax.Array) -> jax.Array:
   expansion (two branches, an exponential) made the activation 1.3-2x slower forward and
   backward on CPU at ViT-S/16's MLP width (benchmarks/PROFILE.md); the two agree to about
   1e-6 in float32, 1 ulp of most outputs. Traced inside `portable_gelu()`, it is the erfc
-  form."""
+  form.
+
+  The gradient is written out, Phi(x) + x phi(x) from x alone, so that a backward pass
+  keeps only the input: under `nn.scan` autodiff kept two more [depth, batch, tokens,
+  mlp_dim] arrays per MLP, 0.93 GB of ViT-S/16's scanned step at batch 32, which XLA
+  recomputes in an unscanned step (benchmarks/PROFILE.md)."""
   if _PORTABLE_GELU.get():
     return jax.nn.gelu(x, approximate=False)
-  return x * (0.5 + 0.5 * jax.lax.erf(x * 0.7071067811865476))
+  return _gelu_erf(x)
+
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@jax.custom_vjp
+def _gelu_erf(x: jax.Array) -> jax.Array:
+  return x * (0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF))
+
+
+def _gelu_erf_fwd(x):
+  return _gelu_erf(x), x
+
+
+def _gelu_erf_bwd(x, g):
+  cdf = 0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF)
+  pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+  return (g * (cdf + x * pdf),)
+
+
+_gelu_erf.defvjp(_gelu_erf_fwd, _gelu_erf_bwd)
+
+
+@jax.custom_vjp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """flax's / JAX's default GELU, the tanh approximation (`jax.nn.gelu(approximate=True)`,
+  whose values these are), with its gradient written out from x alone, for the reason
+  `gelu` gives: under `nn.scan` autodiff kept 1.9 GB more of ViT-S/16's step at batch 32."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_tanh_fwd(x):
+  return gelu_tanh(x), x
+
+
+def _gelu_tanh_bwd(x, g):
+  # d/dx 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3).
+  t = jnp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+  du = 0.7978845608028654 * (1 + 3 * 0.044715 * x * x)
+  return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
 
 
 @contextlib.contextmanager
@@ -73,7 +122,7 @@ def portable_gelu():
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": gelu,
-    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "gelu_tanh": gelu_tanh,
     "silu": nn.silu,
     "relu": nn.relu,
 }
