@@ -122,11 +122,11 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
   so every device ends with the same state. `metrics["grad_norm"]` is the global L2 norm of
   the (averaged) gradients, `metrics["finite"]` 1 when the loss and that norm are finite:
   a NaN or infinite gradient anywhere makes the norm so, as does a norm above about 1.8e19
-  (its square overflows float32). The check rides on the norm that gradient clipping computes anyway
-  rather than on an is-finite test per parameter array, which cost ViT-S/16's train step
-  about a tenth of its compile time (benchmarks/PROFILE.md). With `skip_nonfinite` a step
-  whose check fails leaves the parameters, optimizer state, batch statistics and EMA as
-  they were (the step counter still advances, so the data does too).
+  (its square overflows float32). The check reads the norm (which gradient clipping
+  computes too) rather than an is-finite test per parameter array, which cost ViT-S/16's
+  train step about a tenth of its compile time (benchmarks/PROFILE.md). With
+  `skip_nonfinite` a step whose check fails leaves the parameters, optimizer state, batch
+  statistics and EMA as they were (the step counter still advances, so the data does too).
 
   With `axis_name=None` the same step is written for the whole global batch (`fsdp`: plain
   `jit`, the compiler inserts the collectives): there is no per-device key and no explicit
