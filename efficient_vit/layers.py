@@ -64,13 +64,18 @@ def gelu(x: jax.Array) -> jax.Array:
   return _gelu_erf(x)
 
 
-_SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+def _normal_cdf(x: jax.Array) -> jax.Array:
+  """Phi(x) = (1 + erf(x / sqrt 2)) / 2."""
+  return 0.5 + 0.5 * jax.lax.erf(x * 0.7071067811865476)
 
 
 @jax.custom_vjp
 def _gelu_erf(x: jax.Array) -> jax.Array:
-  return x * (0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF))
+  return x * _normal_cdf(x)
 
 
 def _gelu_erf_fwd(x):
@@ -78,9 +83,8 @@ def _gelu_erf_fwd(x):
 
 
 def _gelu_erf_bwd(x, g):
-  cdf = 0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF)
   pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
-  return (g * (cdf + x * pdf),)
+  return (g * (_normal_cdf(x) + x * pdf),)
 
 
 _gelu_erf.defvjp(_gelu_erf_fwd, _gelu_erf_bwd)
@@ -100,8 +104,8 @@ def _gelu_tanh_fwd(x):
 
 def _gelu_tanh_bwd(x, g):
   # d/dx 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3).
-  t = jnp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
-  du = 0.7978845608028654 * (1 + 3 * 0.044715 * x * x)
+  t = jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+  du = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
   return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du),)
 
 
