@@ -114,13 +114,8 @@ class Comparison:
     config.optimizer.grad_accum_steps = 1  # The peers take one pass over the batch.
     config.model.update(dict(self.overrides))
     # No augmentation: the project's step augments inside the step, the peers' loops do
-    # not (their augmentation is the input pipeline's). The config contract's defaults
-    # switch every in-step op off; the crop and the flip go off here too.
-    from configs import common
-
-    config.augment.update(common.base_config().augment.to_dict())
-    config.augment.update(crop="none", flip=False)
-    return config
+    # not (their augmentation is the input pipeline's).
+    return benchmark.without_augmentation(config)
 
   def peer_spec(self, config, threads: int, warmup_steps: int) -> dict:
     """What `peer_worker.py` builds: the same model, batch and optimizer as `config`."""

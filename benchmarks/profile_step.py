@@ -14,6 +14,7 @@ missing from these sums. From the repository root:
     uv run python -m benchmarks.profile_step --model=vit_s16 --batch_size=8 --steps=3
     uv run python -m benchmarks.profile_step --model=swin_t --batch_size=8 --steps=2 \\
         --trace_dir=runs/profile_swin_t   # also keeps the trace (TensorBoard's profile tab)
+    uv run python -m benchmarks.profile_step --model=vit_s16 --batch_size=16 --scan
 
 Findings and figures: benchmarks/PROFILE.md.
 """
@@ -38,6 +39,8 @@ _MODEL = flags.DEFINE_enum("model", "vit_s16", list(peers.COMPARISONS), "Row of 
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Keep the trace here (default: a "
                                  "temporary folder, removed afterwards).")
 _TOP = flags.DEFINE_integer("top", 30, "Sources listed.")
+_SCAN = flags.DEFINE_bool("scan", False, "Profile the step with model.scan=True (the blocks "
+                          "as one loop).")
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -95,8 +98,9 @@ def main(argv):
   import jax
 
   comparison = peers.COMPARISONS[_MODEL.value]
-  side = peers.ProjectSide(comparison.config(FLAGS.batch_size), comparison.num_classes,
-                           FLAGS.warmup_steps)
+  config = comparison.config(FLAGS.batch_size)
+  config.model.scan = _SCAN.value
+  side = peers.ProjectSide(config, comparison.num_classes, FLAGS.warmup_steps)
   batch = side.timer.experiment.config.batch_size
   trace_dir = _TRACE_DIR.value or tempfile.mkdtemp(prefix="profile_step_")
   jax.profiler.start_trace(trace_dir)

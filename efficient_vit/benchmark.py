@@ -233,6 +233,18 @@ def measurable_config(config):
   return config
 
 
+def without_augmentation(config):
+  """`config` with its train step's in-step augmentation switched off, in place: the
+  model's step alone, as a peer's training loop (whose augmentation is its input
+  pipeline's) or a model-FLOPs figure sees it. The config contract's defaults switch every
+  in-step op off; the crop and the flip go off too."""
+  from configs import common  # The config contract; configs sit beside the package.
+
+  config.augment.update(common.base_config().augment.to_dict())
+  config.augment.update(crop="none", flip=False)
+  return config
+
+
 def _check_host_memory(compiled) -> None:
   """On CPU, refuses a step that would take more than half the free host memory: the host
   would kill the process (or a neighbour's) instead of raising an error."""
