@@ -631,53 +631,92 @@ def classifier(x: jax.Array, num_classes: int, dtype: Dtype = jnp.float32,
                   name=name)(x).astype(jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
-             padding: str | Sequence[tuple[int, int]]) -> jax.Array:
-  """`nn.max_pool` over [batch, H, W, C] with a cheaper gradient on CPU.
-
-  The forward pass is `nn.max_pool`'s (padding "SAME" / "VALID" or ((top, bottom),
-  (left, right)); padded cells never win). The gradient is the same as XLA's (each
-  window's cotangent to its maximum; among equal values the first in row-major window
-  order, as XLA, PyTorch and TensorFlow choose), computed by comparing every window offset
-  of the input with the pooled output instead of XLA's select-and-scatter, whose
-  argmax-carrying reduce-window took about 18% of the CCT seed step on CPU
-  (benchmarks/PROFILE.md).
-  """
-  return nn.max_pool(x, window, strides=strides, padding=padding)
-
-
-def _max_pool_fwd(x, window, strides, padding):
-  y = max_pool(x, window, strides, padding)
-  return y, (x, y)
-
-
-def _max_pool_bwd(window, strides, padding, residuals, g):
-  x, y = residuals
-  batch, height, width, channels = x.shape
+def _pool_pads(spatial: tuple[int, int], window: tuple[int, int], strides: tuple[int, int],
+               padding: str | Sequence[tuple[int, int]]) -> Sequence[tuple[int, int]]:
+  """((top, bottom), (left, right)) of a max-pool's padding ("SAME", "VALID" or explicit)."""
   if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads((height, width), window, strides, padding)
-  (top, bottom), (left, right) = padding
+    return jax.lax.padtype_to_pads(spatial, window, strides, padding)
+  return padding
+
+
+def _pool_windows(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+                  padding: str | Sequence[tuple[int, int]], with_argmax: bool
+                  ) -> tuple[jax.Array, jax.Array | None]:
+  """Each window's maximum [batch, oh, ow, C] and, with `with_argmax`, the offset in the
+  window that holds it (i * window_w + j, int8 or int32; the first among equal values)."""
+  batch, height, width, channels = x.shape
+  (top, bottom), (left, right) = _pool_pads((height, width), window, strides, padding)
   padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)),
                    constant_values=-jnp.inf)
-  ph, pw = padded.shape[1:3]
-  oh, ow = y.shape[1:3]
   sh, sw = strides
-  zero = jnp.zeros((), g.dtype)
-  taken = jnp.zeros(y.shape, bool)  # windows whose maximum has been found
-  grad = jnp.zeros(padded.shape, g.dtype)
+  oh = (height + top + bottom - window[0]) // sh + 1
+  ow = (width + left + right - window[1]) // sw + 1
+  index_dtype = jnp.int8 if window[0] * window[1] <= 127 else jnp.int32
+  pooled = argmax = None
   for i in range(window[0]):
     for j in range(window[1]):
       # The input cell at offset (i, j) of every window: [batch, oh, ow, C].
       cells = jax.lax.slice(padded, (0, i, j, 0),
                             (batch, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, channels),
                             (1, sh, sw, 1))
-      hit = (cells == y) & ~taken
-      taken = taken | hit
-      # Back to the cells' positions: interior padding undoes the stride.
-      grad = grad + jax.lax.pad(jnp.where(hit, g, zero), zero,
-                                ((0, 0, 0), (i, ph - i - (oh - 1) * sh - 1, sh - 1),
-                                 (j, pw - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)))
+      if pooled is None:
+        pooled = cells
+        argmax = jnp.zeros(cells.shape, index_dtype) if with_argmax else None
+        continue
+      if with_argmax:  # strictly greater: a tie keeps the earlier offset
+        argmax = jnp.where(cells > pooled, jnp.asarray(i * window[1] + j, index_dtype), argmax)
+      pooled = jnp.maximum(pooled, cells)
+  return pooled, argmax
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+             padding: str | Sequence[tuple[int, int]]) -> jax.Array:
+  """`nn.max_pool` over [batch, H, W, C], written out for XLA's CPU backend.
+
+  Values are `nn.max_pool`'s (padding "SAME" / "VALID" or ((top, bottom), (left, right));
+  padded cells never win): the maximum over the window's strided slices of the padded
+  input, one loop fusion where XLA's CPU `reduce-window` runs a loop per output. The
+  gradient is XLA's (each window's cotangent to its maximum; among equal values the first
+  in row-major window order, as XLA, PyTorch and TensorFlow choose), without XLA's
+  select-and-scatter, whose argmax-carrying reduce-window took about 18% of the CCT seed
+  step on CPU: the forward pass keeps each window's argmax offset, and the backward pass
+  builds the input gradient one stride phase (row mod stride, column mod stride) at a time
+  from the offsets that reach it, interleaved after. CCT seed tokenizer's two pools with
+  their ReLU and padding, batch 128, forward and backward: 20.7 -> 12.6 ms and 9.7 -> 3.6
+  ms (benchmarks/PROFILE.md, "The tokenizer's max-pools written out").
+  """
+  return _pool_windows(x, window, strides, padding, with_argmax=False)[0]
+
+
+def _max_pool_fwd(x, window, strides, padding):
+  pooled, argmax = _pool_windows(x, window, strides, padding, with_argmax=True)
+  return pooled, (argmax, x.shape)
+
+
+def _max_pool_bwd(window, strides, padding, residuals, g):
+  argmax, (batch, height, width, channels) = residuals
+  (top, bottom), (left, right) = _pool_pads((height, width), window, strides, padding)
+  sh, sw = strides
+  oh, ow = g.shape[1:3]
+  # Padded row r = o * sh + i (window o, offset i) is row r // sh of phase r % sh; a phase
+  # has ceil(padded height / sh) rows. Likewise for columns.
+  rows, cols = -(-(height + top + bottom) // sh), -(-(width + left + right) // sw)
+  zero = jnp.zeros((), g.dtype)
+  phase_rows = []
+  for pi in range(sh):
+    phase_row = []
+    for pj in range(sw):
+      phase = jnp.zeros((batch, rows, cols, channels), g.dtype)
+      for i in range(pi, window[0], sh):
+        for j in range(pj, window[1], sw):
+          taken = jnp.where(argmax == i * window[1] + j, g, zero)
+          di, dj = i // sh, j // sw  # window o's offset i is phase row o + di
+          phase = phase + jax.lax.pad(taken, zero, ((0, 0, 0), (di, rows - oh - di, 0),
+                                                    (dj, cols - ow - dj, 0), (0, 0, 0)))
+      phase_row.append(phase)
+    phase_rows.append(jnp.stack(phase_row, axis=3))  # [batch, rows, cols, sw, C]
+  grad = jnp.stack(phase_rows, axis=2).reshape(batch, rows * sh, cols * sw, channels)
   return (grad[:, top:top + height, left:left + width],)
 
 
