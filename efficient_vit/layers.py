@@ -22,7 +22,7 @@ import contextvars
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -631,6 +631,34 @@ def classifier(x: jax.Array, num_classes: int, dtype: Dtype = jnp.float32,
                   name=name)(x).astype(jnp.float32)
 
 
+def strided_windows(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+                    out_shape: tuple[int, int]) -> Iterator[jax.Array]:
+  """The window[0] * window[1] strided windows of an already padded map [b, H, W, C], row
+  major by offset (i, j): the cells at offset (i, j) of every window, [b, out_h, out_w, C]
+  each (a pooling's or a depthwise convolution's taps).
+
+  lax slices, not x[:, a:b:s]: with a symbolic batch (export) strided indexing becomes a
+  gather that the TFLite converter rejects."""
+  (sh, sw), (out_h, out_w) = strides, out_shape
+  batch, _, _, channels = x.shape
+  for i in range(window[0]):
+    for j in range(window[1]):
+      yield jax.lax.slice(x, (0, i, j, 0),
+                          (batch, i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, channels),
+                          (1, sh, sw, 1))
+
+
+def interleave_phases(phases: Sequence[jax.Array], strides: tuple[int, int]) -> jax.Array:
+  """strides[0] * strides[1] phase maps [b, rows, cols, C], row major by phase (p, q), ->
+  [b, rows * s_h, cols * s_w, C] with out[:, r * s_h + p, c * s_w + q] = phase (p, q)[:, r, c]:
+  a gradient built one stride phase at a time, put back in place."""
+  sh, sw = strides
+  b, rows, cols, c = phases[0].shape
+  # Stacked straight into [b, rows, s_h, cols, s_w, C]
+  phase_rows = [jnp.stack(phases[p * sw:(p + 1) * sw], axis=3) for p in range(sh)]
+  return jnp.stack(phase_rows, axis=2).reshape(b, rows * sh, cols * sw, c)
+
+
 def _pool_pads(spatial: tuple[int, int], window: tuple[int, int], strides: tuple[int, int],
                padding: str | Sequence[tuple[int, int]]) -> Sequence[tuple[int, int]]:
   """((top, bottom), (left, right)) of a max-pool's padding ("SAME", "VALID" or explicit)."""
@@ -644,28 +672,20 @@ def _pool_windows(x: jax.Array, window: tuple[int, int], strides: tuple[int, int
                   ) -> tuple[jax.Array, jax.Array | None]:
   """Each window's maximum [batch, oh, ow, C] and, with `with_argmax`, the offset in the
   window that holds it (i * window_w + j, int8 or int32; the first among equal values)."""
-  batch, height, width, channels = x.shape
+  _, height, width, _ = x.shape
   (top, bottom), (left, right) = _pool_pads((height, width), window, strides, padding)
   padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)),
                    constant_values=-jnp.inf)
-  sh, sw = strides
-  oh = (height + top + bottom - window[0]) // sh + 1
-  ow = (width + left + right - window[1]) // sw + 1
+  oh = (height + top + bottom - window[0]) // strides[0] + 1
+  ow = (width + left + right - window[1]) // strides[1] + 1
   index_dtype = jnp.int8 if window[0] * window[1] <= 127 else jnp.int32
-  pooled = argmax = None
-  for i in range(window[0]):
-    for j in range(window[1]):
-      # The input cell at offset (i, j) of every window: [batch, oh, ow, C].
-      cells = jax.lax.slice(padded, (0, i, j, 0),
-                            (batch, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, channels),
-                            (1, sh, sw, 1))
-      if pooled is None:
-        pooled = cells
-        argmax = jnp.zeros(cells.shape, index_dtype) if with_argmax else None
-        continue
-      if with_argmax:  # strictly greater: a tie keeps the earlier offset
-        argmax = jnp.where(cells > pooled, jnp.asarray(i * window[1] + j, index_dtype), argmax)
-      pooled = jnp.maximum(pooled, cells)
+  cells = strided_windows(padded, window, strides, (oh, ow))
+  pooled = next(cells)
+  argmax = jnp.zeros(pooled.shape, index_dtype) if with_argmax else None
+  for offset, cell in enumerate(cells, start=1):
+    if with_argmax:  # strictly greater: a tie keeps the earlier offset
+      argmax = jnp.where(cell > pooled, jnp.asarray(offset, index_dtype), argmax)
+    pooled = jnp.maximum(pooled, cell)
   return pooled, argmax
 
 
@@ -703,9 +723,8 @@ def _max_pool_bwd(window, strides, padding, residuals, g):
   # has ceil(padded height / sh) rows. Likewise for columns.
   rows, cols = -(-(height + top + bottom) // sh), -(-(width + left + right) // sw)
   zero = jnp.zeros((), g.dtype)
-  phase_rows = []
+  phases = []
   for pi in range(sh):
-    phase_row = []
     for pj in range(sw):
       phase = jnp.zeros((batch, rows, cols, channels), g.dtype)
       for i in range(pi, window[0], sh):
@@ -714,9 +733,8 @@ def _max_pool_bwd(window, strides, padding, residuals, g):
           di, dj = i // sh, j // sw  # window o's offset i is phase row o + di
           phase = phase + jax.lax.pad(taken, zero, ((0, 0, 0), (di, rows - oh - di, 0),
                                                     (dj, cols - ow - dj, 0), (0, 0, 0)))
-      phase_row.append(phase)
-    phase_rows.append(jnp.stack(phase_row, axis=3))  # [batch, rows, cols, sw, C]
-  grad = jnp.stack(phase_rows, axis=2).reshape(batch, rows * sh, cols * sw, channels)
+      phases.append(phase)
+  grad = interleave_phases(phases, strides)
   return (grad[:, top:top + height, left:left + width],)
 
 

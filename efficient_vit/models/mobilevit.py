@@ -107,24 +107,14 @@ def conv_pads(size: int, kernel_size: int, strides: int, padding: str) -> tuple[
   return kernel_size // 2, kernel_size // 2
 
 
-def _windows(x: jax.Array, k: int, s: int, out_h: int, out_w: int):
-  """The k * k strided windows of a padded map, row major: [b, out_h, out_w, c] each.
-
-  lax slices, not x[:, a:b:s]: with a symbolic batch (export) strided indexing becomes a
-  gather that the TFLite converter rejects."""
-  for i in range(k):
-    rows = jax.lax.slice_in_dim(x, i, i + s * (out_h - 1) + 1, s, axis=1)
-    for j in range(k):
-      yield jax.lax.slice_in_dim(rows, j, j + s * (out_w - 1) + 1, s, axis=2)
-
-
 def _shifted_sum(padded: jax.Array, kernel: jax.Array, strides: int, out_h: int,
                  out_w: int) -> jax.Array:
   """sum over taps (i, j) of window_ij(padded) * kernel[i, j]: a depthwise correlation of an
   already padded map with kernel [k, k, C] -> [b, out_h, out_w, C]."""
   k = kernel.shape[0]
   out = 0
-  for tap, window in zip(kernel.reshape(k * k, -1), _windows(padded, k, strides, out_h, out_w)):
+  windows = layers.strided_windows(padded, (k, k), (strides, strides), (out_h, out_w))
+  for tap, window in zip(kernel.reshape(k * k, -1), windows):
     out = out + window * tap
   return out
 
@@ -186,9 +176,7 @@ def _strided_input_gradient(g: jax.Array, kernel: jax.Array, s: int, top: int, l
           window = gp[:, d - lo_h:d - lo_h + rows, e - lo_w:e - lo_w + cols]
           phase = phase + window * kernel[i, j]
       phases.append(phase)
-  # [s_h * s_w, b, rows, cols, C] -> [b, rows, s_h, cols, s_w, C] -> [b, rows * s, cols * s, C]
-  dx = jnp.stack(phases).reshape(s, s, b, rows, cols, c).transpose(2, 3, 0, 4, 1, 5)
-  return dx.reshape(b, rows * s, cols * s, c)[:, :h, :w]
+  return layers.interleave_phases(phases, (s, s))[:, :h, :w]
 
 
 def _depthwise_bwd(strides, pads, residuals, g):
@@ -202,8 +190,9 @@ def _depthwise_bwd(strides, pads, residuals, g):
     # dkernel[i, j] = sum(window_ij(x_padded) * g), the strided windows the forward pass
     # read; dx one phase of the stride at a time. (MobileViT-XXS's stride-2 shapes, batch
     # 16: the kernel's 2.2-8x and the input's 1.7-3x faster than the stride-1 form below.)
-    dkernel = jnp.stack([jnp.sum(window * g, axis=(0, 1, 2)) for window
-                         in _windows(xp, k, s, out_h, out_w)]).reshape(kernel.shape)
+    windows = layers.strided_windows(xp, (k, k), (s, s), (out_h, out_w))
+    dkernel = jnp.stack([jnp.sum(window * g, axis=(0, 1, 2))
+                         for window in windows]).reshape(kernel.shape)
     dx = _strided_input_gradient(g, kernel, s, top, left, h, w)
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
   zero = jnp.zeros((), g.dtype)
