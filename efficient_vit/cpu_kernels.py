@@ -12,16 +12,24 @@ kinds less the lone convolution. A convolution that XLA fuses into a YNNPACK red
 stays there (those ran on all threads).
 
 2. Optimization barriers kept to the end. The CPU pipeline expands (drops) every
-`optimization_barrier` in an early pass, `cse_barrier_expander`, and common-subexpression
-elimination later merges `jax.checkpoint`'s recomputation back into the forward pass: the
-backward pass then reads the forward's activations again and `model.remat` saves nothing
-without `scan` (ViT-S/16's step at batch 32 kept 4.51 GB with `remat=block`). With that pass
-disabled the barriers that `jax.checkpoint(prevent_cse=True)` puts around the
-recomputation's inputs hold, and the same step needs 0.88 GB (benchmarks/PROFILE.md,
-"Remat without scan"). Only steps with `remat` keep their barriers (`keep_barriers`):
-`layers._contract_rows`' barriers, meant for the early passes alone, slowed MobileViT-XXS's
-plain step when kept to the end (0.75x). Passes that `XLA_FLAGS` already disables stay
-disabled (`--xla_disable_hlo_passes` merged).
+`optimization_barrier` in an early pass, `cse_barrier_expander`. Two kinds of barrier in
+the project's steps are meant to hold:
+ - `jax.checkpoint`'s (`model.remat`): without them common-subexpression elimination
+   merges the recomputation back into the forward pass, the backward pass reads the
+   forward's activations again and `model.remat` saves nothing without `scan` (ViT-S/16's
+   step at batch 32 kept 4.51 GB with `remat=block`; with the pass disabled, 0.88 GB:
+   benchmarks/PROFILE.md, "Remat without scan").
+ - `layers._contract_rows`' around the operand it transposes for a kernel gradient: held,
+   the operand is written out once in its own layout and the transpose is a plain copy;
+   dropped, XLA fuses the operand's producers (a LayerNorm's or GELU's backward, the
+   drop-path scale) into the transposing copy, which then runs several times slower
+   (Swin-T at batch 16: 12-25 ms per such copy in its first two stages, 2.7 ms for a plain
+   [50176, 96] transpose). Train steps with both (this pass disabled in every step, the
+   barrier in front of the transpose) against neither: Swin-T 1.03x, MobileViT-XXS
+   1.00-1.15x (noisy), ViT-S/16 and CCT 0.98-1.02x (benchmarks/PROFILE.md, "Barriers
+   kept in every step").
+So every step compiled with these options keeps its barriers. Passes that `XLA_FLAGS`
+already disables stay disabled (`--xla_disable_hlo_passes` merged).
 
 `compiler_options` is what the project's jitted steps pass to `jax.jit` on CPU. Other
 backends get no options (both are the CPU backend's; GPU and TPU keep their barriers), and
@@ -45,8 +53,8 @@ import jax.numpy as jnp
 # YNNPACK's default op kinds in jaxlib 0.10 without LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION.
 YNN_FUSION_TYPES = ("LIBRARY_FUSION_TYPE_DOT", "LIBRARY_FUSION_TYPE_REDUCE",
                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
-# The CPU pipeline's early pass that drops optimization barriers: disabled, so that
-# `jax.checkpoint`'s recomputation is not merged back into the forward pass.
+# The CPU pipeline's early pass that drops optimization barriers: disabled, so that they
+# hold (`jax.checkpoint`'s, `layers._contract_rows`').
 BARRIER_PASS = "cse_barrier_expander"
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ",".join(YNN_FUSION_TYPES)}
 
@@ -71,14 +79,11 @@ def _cpu_options_compile() -> bool:
   return True
 
 
-def compiler_options(backend: str | None = None, *,
-                     keep_barriers: bool = False) -> dict[str, str] | None:
+def compiler_options(backend: str | None = None) -> dict[str, str] | None:
   """`compiler_options` for `jax.jit` of a step compiled for `backend` (default: JAX's
-  default backend): `CPU_OPTIONS` on CPU where this jaxlib takes them, else None.
-  `keep_barriers` (a step with `model.remat`): `BARRIER_PASS` disabled too."""
+  default backend): on CPU, where this jaxlib takes them, `CPU_OPTIONS` with `BARRIER_PASS`
+  (and the passes `XLA_FLAGS` disables) disabled; elsewhere None."""
   if (backend or jax.default_backend()) != "cpu" or not _cpu_options_compile():
     return None
-  if not keep_barriers:
-    return dict(CPU_OPTIONS)
   return {**CPU_OPTIONS,
           "xla_disable_hlo_passes": _disabled_passes(os.environ.get("XLA_FLAGS", ""))}

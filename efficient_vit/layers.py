@@ -748,7 +748,10 @@ max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 # MobileViT-XXS's 32x32 stage ([64, 4, 256, 16] against [64, 4, 256, 256]) 17.3 ms, against
 # 5.2 ms when the small [.., n, k] operand is transposed first and the [.., k, m] result
 # after, behind optimization barriers that keep XLA from folding the transposes back into
-# the dot. At ViT-S/16's, CCT's, Swin's and MobileViT's other shapes the two took the same
+# the dot; one more in front of the transposed operand keeps its producers (a LayerNorm's
+# or GELU's backward, often) out of the transposing copy, which XLA's CPU backend runs
+# 4-10x slower with them fused in (the project's CPU steps keep their barriers to the end:
+# `cpu_kernels`). At ViT-S/16's, CCT's, Swin's and MobileViT's other shapes the two took the same
 # time or the transposes cost more, so only n >= 8x the narrower width on CPU takes that
 # form (benchmarks/PROFILE.md); everything else is the plain einsum, as autodiff writes it.
 # MobileViT's 1x1 convolutions use the same helper for their kernel gradient (`dot_general`).
@@ -759,7 +762,8 @@ def _contract_rows(x: jax.Array, y: jax.Array, precision: Any = None) -> jax.Arr
 
   On CPU, with n at least 8x the narrower width, the narrower operand is transposed first
   and the product is a plain matmul (the [.., k, m] result transposed after, where x was
-  the narrower), each transpose behind an optimization barrier."""
+  the narrower), each transpose between optimization barriers: the operand materialised
+  before it, the transposed array after."""
   def plain(x, y):
     return jnp.einsum("...nk,...nm->...mk", x, y, precision=precision)
 
@@ -769,8 +773,8 @@ def _contract_rows(x: jax.Array, y: jax.Array, precision: Any = None) -> jax.Arr
 
     barrier = jax.lax.optimization_barrier
     if y.shape[-1] < x.shape[-1]:
-      return jnp.matmul(barrier(t(y)), x, precision=precision)
-    return t(barrier(jnp.matmul(barrier(t(x)), y, precision=precision)))
+      return jnp.matmul(barrier(t(barrier(y))), x, precision=precision)
+    return t(barrier(jnp.matmul(barrier(t(barrier(x))), y, precision=precision)))
 
   if x.shape[-2] < 8 * min(x.shape[-1], y.shape[-1]):
     return plain(x, y)

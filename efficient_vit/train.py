@@ -228,18 +228,17 @@ class DataParallel:
   # Whether the host waits for each train step: see PmapParallel.
   block_each_step = False
 
-  def __init__(self, train_fn: Callable, eval_fn: Callable, *, keep_barriers: bool = False):
+  def __init__(self, train_fn: Callable, eval_fn: Callable):
     self._global_mesh()
     # check_vma=False: the steps do their own collectives, as under pmap. With the check
     # on, the gradient of the replicated parameters would arrive already summed over
     # devices and the explicit pmean would not be the mean.
     shard = functools.partial(jax.shard_map, mesh=self.mesh, check_vma=False)
-    # On CPU: convolutions on all threads; with `keep_barriers` (remat) the recomputation
-    # kept apart from the forward pass (cpu_kernels).
+    # On CPU: convolutions on all threads, optimization barriers kept (cpu_kernels).
     self.train_step = jax.jit(
         shard(train_fn, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P())),
         donate_argnums=0,
-        compiler_options=cpu_kernels.compiler_options(keep_barriers=keep_barriers))
+        compiler_options=cpu_kernels.compiler_options())
     self.eval_step = jax.jit(shard(eval_fn, in_specs=(P(), P(AXIS)), out_specs=P()),
                              compiler_options=cpu_kernels.compiler_options())
 
@@ -304,9 +303,7 @@ class PmapParallel(DataParallel):
   kind = "pmap"
 
   # Not DataParallel's __init__: pmapped rather than jitted steps.
-  def __init__(self, train_fn: Callable, eval_fn: Callable,  # pylint: disable=W0231
-               *, keep_barriers: bool = False):
-    del keep_barriers
+  def __init__(self, train_fn: Callable, eval_fn: Callable):  # pylint: disable=W0231
     self._global_mesh()
     self.local_mesh = Mesh(np.asarray(jax.local_devices()), (AXIS,))
     # jax.pmap takes no compiler_options: on CPU its convolutions stay YNNPACK's, and remat
@@ -367,13 +364,13 @@ class FsdpParallel(DataParallel):
   kind = "fsdp"
 
   def __init__(self, train_fn: Callable, eval_fn: Callable,  # pylint: disable=W0231
-               abstract_state: Callable[[], Any], *, keep_barriers: bool = False):
+               abstract_state: Callable[[], Any]):
     self._global_mesh()
     self._state_sharding = self.state_sharding(abstract_state())
     self.train_step = jax.jit(
         functools.partial(train_fn, axis_name=None), donate_argnums=0,
         out_shardings=(self._state_sharding, self.replicated),
-        compiler_options=cpu_kernels.compiler_options(keep_barriers=keep_barriers))
+        compiler_options=cpu_kernels.compiler_options())
     self.eval_step = jax.jit(functools.partial(eval_fn, axis_name=None),
                              out_shardings=self.replicated,
                              compiler_options=cpu_kernels.compiler_options())
@@ -384,18 +381,14 @@ class FsdpParallel(DataParallel):
 
 
 def data_parallel(kind: str, train_fn: Callable, eval_fn: Callable,
-                  abstract_state: Callable[[], Any] | None = None, *,
-                  keep_barriers: bool = False) -> DataParallel:
+                  abstract_state: Callable[[], Any] | None = None) -> DataParallel:
   """The runner of `config.parallelism`; `fsdp` needs `abstract_state` (a function giving
-  the train state's shapes) to lay out the state. `keep_barriers`: the train step's
-  optimization barriers kept to the end on CPU (`cpu_kernels.compiler_options`), for a
-  model with `remat`."""
+  the train state's shapes) to lay out the state."""
   if kind not in PARALLELISMS:
     raise ValueError(f"config.parallelism={kind!r}; allowed: {', '.join(PARALLELISMS)}")
   if kind == "fsdp":
-    return FsdpParallel(train_fn, eval_fn, abstract_state, keep_barriers=keep_barriers)
-  return {"shard_map": DataParallel, "pmap": PmapParallel}[kind](
-      train_fn, eval_fn, keep_barriers=keep_barriers)
+    return FsdpParallel(train_fn, eval_fn, abstract_state)
+  return {"shard_map": DataParallel, "pmap": PmapParallel}[kind](train_fn, eval_fn)
 
 
 def prefetch(batches, put, size: int = 2):
@@ -539,8 +532,7 @@ def build(config: ml_collections.ConfigDict,
   parallel = data_parallel(config.parallelism, step,
                            functools.partial(eval_step, model=model,
                                              normalisation=normalisation),
-                           abstract_state=lambda: jax.eval_shape(create, init_rng),
-                           keep_barriers=config.model.get("remat", "none") != "none")
+                           abstract_state=lambda: jax.eval_shape(create, init_rng))
   experiment = Experiment(config=config, info=info, model=model, tx=tx, schedule=schedule,
                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                           parallel=parallel, init_rng=init_rng,
