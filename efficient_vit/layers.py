@@ -750,10 +750,11 @@ max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 # after, behind optimization barriers that keep XLA from folding the transposes back into
 # the dot; one more in front of the transposed operand keeps its producers (a LayerNorm's
 # or GELU's backward, often) out of the transposing copy, which XLA's CPU backend runs
-# 4-10x slower with them fused in (the project's CPU steps keep their barriers to the end:
-# `cpu_kernels`). At ViT-S/16's, CCT's, Swin's and MobileViT's other shapes the two took the same
-# time or the transposes cost more, so only n >= 8x the narrower width on CPU takes that
-# form (benchmarks/PROFILE.md); everything else is the plain einsum, as autodiff writes it.
+# several times slower with them fused in (the project's CPU steps keep their barriers to
+# the end: `cpu_kernels`). At ViT-S/16's, CCT's, Swin's and MobileViT's other shapes the
+# two took the same time or the transposes cost more, so only n >= 8x the narrower width on
+# CPU takes that form (benchmarks/PROFILE.md); everything else is the plain einsum, as
+# autodiff writes it.
 # MobileViT's 1x1 convolutions use the same helper for their kernel gradient (`dot_general`).
 
 
@@ -767,14 +768,16 @@ def _contract_rows(x: jax.Array, y: jax.Array, precision: Any = None) -> jax.Arr
   def plain(x, y):
     return jnp.einsum("...nk,...nm->...mk", x, y, precision=precision)
 
-  def transposed(x, y):
-    def t(a):
-      return jnp.swapaxes(a, -1, -2)
+  barrier = jax.lax.optimization_barrier
 
-    barrier = jax.lax.optimization_barrier
+  def written_out_transposed(a):  # [.., n, w] materialised, then [.., w, n] materialised
+    return barrier(jnp.swapaxes(barrier(a), -1, -2))
+
+  def transposed(x, y):
     if y.shape[-1] < x.shape[-1]:
-      return jnp.matmul(barrier(t(barrier(y))), x, precision=precision)
-    return t(barrier(jnp.matmul(barrier(t(barrier(x))), y, precision=precision)))
+      return jnp.matmul(written_out_transposed(y), x, precision=precision)
+    product = jnp.matmul(written_out_transposed(x), y, precision=precision)  # [.., k, m]
+    return jnp.swapaxes(barrier(product), -1, -2)
 
   if x.shape[-2] < 8 * min(x.shape[-1], y.shape[-1]):
     return plain(x, y)

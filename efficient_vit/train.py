@@ -235,12 +235,12 @@ class DataParallel:
     # devices and the explicit pmean would not be the mean.
     shard = functools.partial(jax.shard_map, mesh=self.mesh, check_vma=False)
     # On CPU: convolutions on all threads, optimization barriers kept (cpu_kernels).
+    options = cpu_kernels.compiler_options()
     self.train_step = jax.jit(
         shard(train_fn, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P())),
-        donate_argnums=0,
-        compiler_options=cpu_kernels.compiler_options())
+        donate_argnums=0, compiler_options=options)
     self.eval_step = jax.jit(shard(eval_fn, in_specs=(P(), P(AXIS)), out_specs=P()),
-                             compiler_options=cpu_kernels.compiler_options())
+                             compiler_options=options)
 
   def _global_mesh(self) -> None:
     self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
@@ -367,13 +367,12 @@ class FsdpParallel(DataParallel):
                abstract_state: Callable[[], Any]):
     self._global_mesh()
     self._state_sharding = self.state_sharding(abstract_state())
+    options = cpu_kernels.compiler_options()
     self.train_step = jax.jit(
         functools.partial(train_fn, axis_name=None), donate_argnums=0,
-        out_shardings=(self._state_sharding, self.replicated),
-        compiler_options=cpu_kernels.compiler_options())
+        out_shardings=(self._state_sharding, self.replicated), compiler_options=options)
     self.eval_step = jax.jit(functools.partial(eval_fn, axis_name=None),
-                             out_shardings=self.replicated,
-                             compiler_options=cpu_kernels.compiler_options())
+                             out_shardings=self.replicated, compiler_options=options)
 
   def state_sharding(self, state):
     n = self.mesh.size
