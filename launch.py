@@ -15,10 +15,11 @@ with --distributed; elsewhere give the coordinator explicitly on each process:
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from efficient_vit import host_memory  # Its --retain_host_memory flag.
+from efficient_vit import host_memory  # Its opt-in --retain_host_memory flag.
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "A config file, optionally with a preset: configs/vit.py:tiny_cifar10.",
+    "config", None, "A config file, optionally with a preset: configs/vit.py:tiny_cifar10 "
+    "(`uv run python -m configs` lists every preset).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the resolved "
                                "config go; an existing one is resumed.")
@@ -55,7 +56,6 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  host_memory.restart_with_huge_pages(__name__)  # Once, before anything is loaded.
   host_memory.retain_if_flagged()  # If asked: before JAX and TensorFlow start threads.
   if not flags.FLAGS["verbosity"].present:  # Library INFO logs (Orbax's) drown the progress bar.
     logging.set_verbosity(logging.WARNING)

@@ -7,7 +7,7 @@ is compiled, warmed up and traced for `--steps` steps; every XLA thunk event of 
 from there to the `op_name` metadata (module path; `bwd` when it comes from the
 backward pass). Printed: the share of the op time by kind and by source, block numbers
 folded together. Times are summed over XLA's worker threads, so they add up to more than
-the wall time. Eigen's convolutions (`efficient_vit/cpu_kernels.py` sends lone convolutions
+the wall time. Eigen's convolutions (`efficient_vit/xla_options.py` sends lone convolutions
 there on CPU) run asynchronously: the trace holds only their dispatch, so their time is
 missing from these sums. From the repository root:
 

@@ -90,6 +90,15 @@ mixed precision; `--config.dtype=bfloat16` is the nearest). Not yet measured.
 
 from configs import common
 
+# `uv run python -m configs` lists these.
+PRESETS = {
+    "keras": "the Keras CCT example (CIFAR-10 at 32, 2-layer conv tokenizer, 2 blocks of 128)",
+    **{name: f"the official {name} (CIFAR at 32, the official timm recipe)" for name in (
+        "cct_2_3x2", "cct_4_3x2", "cct_6_3x2", "cct_7_3x2", "cct_6_3x1", "cct_7_3x1",
+        "cvt_6_4", "cvt_7_4", "vit_lite_6_4", "vit_lite_7_4")},
+    "cct_14_7x2": "the official cct_14_7x2 at 224 on ImageNet, the official timm recipe",
+}
+
 # name -> (depth, width, heads, MLP ratio) of the official `cct_L` / `cvt_L` / `vit_L`.
 _SIZES = {2: (128, 2, 1), 4: (128, 2, 1), 6: (256, 4, 2), 7: (256, 4, 2), 14: (384, 6, 3)}
 

@@ -64,7 +64,14 @@ Presets (`--config configs/mobilevit.py:NAME`):
 
 from configs import common
 
-PRESETS = ("keras", "xxs", "xs", "s", "cifar10")
+# `uv run python -m configs` lists these.
+PRESETS = {
+    "keras": "the Keras MobileViT example (tf_flowers at 256, XXS-like widths)",
+    "xxs": "MobileViT-XXS at 256 on ImageNet, the ml-cvnets recipe",
+    "xs": "MobileViT-XS at 256 on ImageNet, the ml-cvnets recipe",
+    "s": "MobileViT-S at 256 on ImageNet, the ml-cvnets recipe",
+    "cifar10": "XXS widths on CIFAR-10 at 32 (stem and first stage at stride 1)",
+}
 
 # The paper's three sizes (ml-cvnets config/mobilevit.py): per-stage output channels,
 # MV2 expansion, transformer widths d (FFN 2d) and the last 1x1 conv (min(4 * C5, 960)).

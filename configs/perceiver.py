@@ -104,7 +104,12 @@ from ml_collections import config_dict
 
 from configs import common
 
-PRESETS = ("keras", "imagenet", "tiny_cifar10")
+# `uv run python -m configs` lists these.
+PRESETS = {
+    "keras": "the Keras Perceiver example (CIFAR-100 at 64, patch 2, 256 latents of 256)",
+    "imagenet": "the paper's ImageNet model (50,176 pixel inputs, 512 latents x 1024, LAMB)",
+    "tiny_cifar10": "a small Keras-style Perceiver (patch 2, 64 latents x 128) for CIFAR-10",
+}
 
 
 def get_config(preset: str = "keras"):

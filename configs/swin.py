@@ -79,7 +79,13 @@ Presets (`--config configs/swin.py:NAME`):
 
 from configs import common
 
-PRESETS = ("keras", "swin_t", "swin_s", "swin_b")
+# `uv run python -m configs` lists these.
+PRESETS = {
+    "keras": "the Keras Swin example (CIFAR-100 at 32, patch 2, windows of 2)",
+    "swin_t": "Swin-T at 224 on ImageNet (28.29M parameters), the paper's recipe",
+    "swin_s": "Swin-S at 224 on ImageNet (49.61M parameters), the paper's recipe",
+    "swin_b": "Swin-B at 224 on ImageNet (87.77M parameters), the paper's recipe",
+}
 
 # Official architectures: (embed_dim, depths, num_heads, drop_path_rate).
 _IMAGENET_MODELS = {

@@ -56,6 +56,13 @@ Presets (`--config configs/vit.py:NAME`):
 
 from configs import common
 
+# `uv run python -m configs` lists these.
+PRESETS = {
+    "keras": "the Keras ViT example (CIFAR-100 at 72, patch 6, 8 blocks of width 64)",
+    "tiny_cifar10": "a small ViT (patch 4, width 128, 4 blocks) that learns on a CPU in one epoch",
+    "s16_imagenet": "ViT-S/16 at 224 on ImageNet, big_vision's vit_s16_i1k recipe",
+}
+
 
 def get_config(preset: str = "keras"):
   c = common.base_config()

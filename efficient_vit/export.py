@@ -149,8 +149,7 @@ def serving_function(model, mean, std) -> Callable[[Any, jax.Array], jax.Array]:
 
   def serve(variables, images):
     x = (images.astype(jnp.float32) / 255.0 - mean) / std
-    with layers.portable_gelu():  # Readable by TensorFlow's StableHLO (layers.gelu).
-      return model.apply(variables, x, train=False).astype(jnp.float32)
+    return model.apply(variables, x, train=False).astype(jnp.float32)
 
   return serve
 

@@ -1,4 +1,4 @@
-"""Host memory for CPU train steps: on huge pages (the default) or kept for reuse (opt-in).
+"""Host memory for CPU train steps: on huge pages or kept for reuse, both opt-in flags.
 
 XLA's CPU client allocates a step's temporaries as one buffer per execution (2.25 GB for
 ViT-S/16 at batch 16) and frees it when the step ends. glibc serves an allocation that
@@ -32,17 +32,18 @@ M_ARENA_MAX reaches only threads that have not allocated yet, so call it first t
 `main`, before JAX or TensorFlow start their thread pools. It changes no result, only
 where the host's memory comes from; without glibc (macOS, musl) it does nothing.
 
-Huge pages (on by default) make the faults cheap instead of avoiding them, with nothing
+Huge pages (`--host_huge_pages`, opt-in, read by the benchmarks) make the faults cheap instead of avoiding them, with nothing
 retained: glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and later) has `malloc`
 advise the kernel to back its large mappings with transparent huge pages, so a step's fresh
 temporaries fault in 2 MiB at a time instead of 4 KiB, and `free` still gives them back.
 glibc reads its tunables only when a program starts, from the `GLIBC_TUNABLES` environment
 variable, so `restart_with_huge_pages` starts the program again in the same process
 (`os.execve`: same PID, same arguments) with the tunable added, as the first thing its
-`main` does. Only a program's own entry module restarts (`python launch.py`, `python -m
-...`); a `main` called from other code (a test, a notebook) never does, and neither does
+`main` does (the benchmarks'; `launch.py` never restarts: to train on huge pages, start it
+with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` set). Only a program's own entry module
+restarts (`python -m ...`); a `main` called from other code (a test, a notebook) never does, and neither does
 a program whose `GLIBC_TUNABLES` already names the tunable (`glibc.malloc.hugetlb=0` keeps
-4 KiB pages), nor one run with `--nohost_huge_pages`, nor a kernel whose transparent huge
+4 KiB pages), nor one run without `--host_huge_pages`, nor a kernel whose transparent huge
 pages are `never`. Child processes inherit the variable: `benchmarks/peers.py`'s timm and
 Keras workers run with the same allocator. Gains, 2-core AMD EPYC with AVX-512, train
 steps of `benchmarks/peers.py`'s rows alternated between two processes:
@@ -63,7 +64,7 @@ _RETAIN_HOST_MEMORY = flags.DEFINE_bool(
     "then only grows, by multiples of the step's temporaries and without a bound "
     "(efficient_vit/host_memory.py).")
 _HOST_HUGE_PAGES = flags.DEFINE_bool(
-    "host_huge_pages", True, "Linux, glibc 2.35+: start the program again once with "
+    "host_huge_pages", False, "Linux, glibc 2.35+: start the program again once with "
     "GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so that malloc backs large blocks (a CPU "
     "step's temporaries) with transparent huge pages and they fault in 2 MiB at a time "
     "(efficient_vit/host_memory.py).")
@@ -137,7 +138,7 @@ def huge_pages_on() -> bool:
 
 def restart_with_huge_pages(module_name: str) -> None:
   """Starts the program again with `glibc.malloc.hugetlb=1` added to `GLIBC_TUNABLES`,
-  where `--host_huge_pages` (the default) asks for it and it is not there yet: the first
+  where `--host_huge_pages` asks for it and it is not there yet: the first
   call of every `main` that runs train steps, given that module's `__name__`, which must be
   "__main__" (anything else returns at once). Does not return when it restarts."""
   if (module_name != "__main__" or not _HOST_HUGE_PAGES.value

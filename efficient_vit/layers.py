@@ -17,12 +17,9 @@ same words in every family's config): `scan` (`Encoder`, `scan_blocks`), `remat`
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
-import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -37,92 +34,13 @@ dense_init = nn.initializers.xavier_uniform()
 embedding_init = nn.initializers.normal(stddev=0.02)
 
 
-# The MLP activations a config may name (`model.mlp_activation`). flax's `nn.gelu` is the
-# tanh approximation by default; PyTorch's `nn.GELU` / `F.gelu` (timm, the official Swin, CCT
-# and MobileViT code) and Keras' "gelu" are the exact, erf-based form, while the JAX
-# originals (big_vision's and vision_transformer's ViT, the Perceiver's Haiku code) use the
-# tanh form. The two differ by up to about 1e-3 per activation.
-
-
-_PORTABLE_GELU = contextvars.ContextVar("portable_gelu", default=False)
-
-
-def gelu(x: jax.Array) -> jax.Array:
-  """The exact GELU, x Phi(x), as PyTorch's CPU kernel and Keras write it: x (1 + erf(x /
-  sqrt 2)) / 2. `jax.nn.gelu(approximate=False)` goes through erfc instead, whose XLA
-  expansion (two branches, an exponential) made the activation 1.3-2x slower forward and
-  backward on CPU at ViT-S/16's MLP width (benchmarks/PROFILE.md); the two agree to about
-  1e-6 in float32, 1 ulp of most outputs. Traced inside `portable_gelu()`, it is the erfc
-  form.
-
-  The gradient is written out, Phi(x) + x phi(x) from x alone, so that a backward pass
-  keeps only the input: under `nn.scan` autodiff kept two more [depth, batch, tokens,
-  mlp_dim] arrays per MLP, 0.93 GB of ViT-S/16's scanned step at batch 32, which XLA
-  recomputes in an unscanned step (benchmarks/PROFILE.md)."""
-  if _PORTABLE_GELU.get():
-    return jax.nn.gelu(x, approximate=False)
-  return _gelu_erf(x)
-
-
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
-
-
-def _normal_cdf(x: jax.Array) -> jax.Array:
-  """Phi(x) = (1 + erf(x / sqrt 2)) / 2."""
-  return 0.5 + 0.5 * jax.lax.erf(x * 0.7071067811865476)
-
-
-@jax.custom_vjp
-def _gelu_erf(x: jax.Array) -> jax.Array:
-  return x * _normal_cdf(x)
-
-
-def _gelu_erf_fwd(x):
-  return _gelu_erf(x), x
-
-
-def _gelu_erf_bwd(x, g):
-  pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
-  return (g * (_normal_cdf(x) + x * pdf),)
-
-
-_gelu_erf.defvjp(_gelu_erf_fwd, _gelu_erf_bwd)
-
-
-@jax.custom_vjp
-def gelu_tanh(x: jax.Array) -> jax.Array:
-  """flax's / JAX's default GELU, the tanh approximation (`jax.nn.gelu(approximate=True)`,
-  whose values these are), with its gradient written out from x alone, for the reason
-  `gelu` gives: under `nn.scan` autodiff kept 1.9 GB more of ViT-S/16's step at batch 32."""
-  return jax.nn.gelu(x, approximate=True)
-
-
-def _gelu_tanh_fwd(x):
-  return gelu_tanh(x), x
-
-
-def _gelu_tanh_bwd(x, g):
-  # d/dx 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3).
-  t = jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
-  du = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-  return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du),)
-
-
-gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
-
-
-@contextlib.contextmanager
-def portable_gelu():
-  """`gelu` traced through erfc inside: jax.export serializes `lax.erf` as a StableHLO
-  composite that TensorFlow 2.21's XlaCallModule (SavedModel, TFLite, ONNX exports) cannot
-  read, while erfc lowers to plain StableHLO ops."""
-  token = _PORTABLE_GELU.set(True)
-  try:
-    yield
-  finally:
-    _PORTABLE_GELU.reset(token)
-
+# The MLP activations a config may name (`model.mlp_activation`). PyTorch's `nn.GELU`
+# (timm, the official Swin, CCT and MobileViT code) and Keras' "gelu" are the exact,
+# erf-based form; the JAX originals (big_vision's and vision_transformer's ViT, the
+# Perceiver's Haiku code) use flax's default, the tanh approximation. The two differ by up
+# to about 1e-3 per activation, which the fidelity tests see.
+gelu = functools.partial(jax.nn.gelu, approximate=False)
+gelu_tanh = functools.partial(jax.nn.gelu, approximate=True)
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": gelu,
@@ -164,7 +82,7 @@ class Mlp(nn.Module):
         self.hidden_dropout_rate)
     for i, width in enumerate(self.features):
       x = nn.Dense(width, dtype=self.dtype, kernel_init=dense_init,
-                   bias_init=nn.initializers.normal(stddev=1e-6), dot_general=dot_general)(x)
+                   bias_init=nn.initializers.normal(stddev=1e-6))(x)
       if i < last or self.activate_last:
         x = act(x)
       x = nn.Dropout(self.dropout_rate if i == last else hidden_rate)(x, deterministic=not train)
@@ -286,31 +204,29 @@ def sow_attention(module: nn.Module, weights: jax.Array) -> None:
   module.sow("intermediates", "attention_weights", weights)
 
 
-class DenseParams(nn.Module):
-  """The parameters of an `nn.DenseGeneral` from `in_shape` to `features`, returned
-  instead of applied: `kernel` [*in_shape, *features] and `bias` [*features] (None without
-  `use_bias`), initialised exactly as DenseGeneral initialises them, cast to `dtype`.
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          bias: jax.Array | None = None, mask: jax.Array | None = None,
+                          dropout: Callable[[jax.Array], jax.Array] | None = None,
+                          sow: Callable[[jax.Array], None] | None = None) -> jax.Array:
+  """softmax(q k^T / sqrt(d) + bias) v, as the papers write it.
 
-  `MultiHeadAttention` contracts them itself (several projections in one matmul, heads
-  kept in front of the tokens), under the parameter names and shapes of the DenseGeneral
-  layers it replaces, so that checkpoints and weight imports see no difference.
+  q [batch, n, heads, d], k and v [batch, m, heads, d] -> [batch, n, heads, d]. `bias`
+  broadcasts to the logits [batch, heads, n, m]; `mask` likewise (True = attend). The
+  logits and the softmax are float32, the weights are cast back to v's dtype. `dropout`
+  (the weights' dropout) and `sow` (which stores the weights) are called on the weights.
   """
-
-  in_shape: tuple[int, ...]
-  features: tuple[int, ...]
-  use_bias: bool = True
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self) -> tuple[jax.Array, jax.Array | None]:
-    fan_in, fan_out = int(np.prod(self.in_shape)), int(np.prod(self.features))
-
-    def kernel_init(key, shape, dtype=jnp.float32):
-      return dense_init(key, (fan_in, fan_out), dtype).reshape(shape)
-
-    kernel = self.param("kernel", kernel_init, self.in_shape + self.features)
-    bias = self.param("bias", nn.initializers.zeros, self.features) if self.use_bias else None
-    return kernel.astype(self.dtype), None if bias is None else bias.astype(self.dtype)
+  logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32)
+  logits = logits / np.sqrt(q.shape[-1]).astype(np.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  if sow is not None:
+    sow(weights)
+  if dropout is not None:
+    weights = dropout(weights)
+  return jnp.einsum("bhnm,bmhd->bnhd", weights, v)
 
 
 class MultiHeadAttention(nn.Module):
@@ -320,21 +236,13 @@ class MultiHeadAttention(nn.Module):
   (out_dim defaults to d_q). `head_dim` defaults to d_q // num_heads; the Keras examples
   set it to the model width (`key_dim`), which makes their attention wider than the model.
 
-  Parameters: `query`, `key`, `value` (kernels [d, heads, head_dim], biases [heads,
-  head_dim]) and `out` (kernel [heads, head_dim, out_dim]), the layout of flax's
-  DenseGeneral projections. The computation is laid out for speed, not like the
-  parameters: self-attention projects q, k and v in one matmul against the three kernels
-  stacked (k and v together for cross-attention), straight into [batch, heads, tokens,
-  head_dim], and the output projection contracts heads and head_dim from that layout, so
-  that no transpose sits between the projections and the attention (benchmarks/PROFILE.md).
+  Parameters: `query`, `key`, `value` (DenseGeneral kernels [d, heads, head_dim], biases
+  [heads, head_dim]) and `out` (kernel [heads, head_dim, out_dim]).
 
-  `attention_impl` (`ATTENTION_IMPLS`): `xla` is the einsum / softmax program in that
-  head-major layout (what `jax.nn.dot_product_attention(implementation="xla")` computes,
-  without its transposes; `attention_logits`, then the softmax and the value product in
-  `softmax_values`, whose gradient takes the softmax's row sums from the output), also
-  used whatever `attention_impl` says when attention dropout is active or the weights are
-  being extracted (the `intermediates` collection is mutable: the weights are sown
-  too); `cudnn` goes through `jax.nn.dot_product_attention` for the fused kernel.
+  `attention_impl` (`ATTENTION_IMPLS`): `xla` is `dot_product_attention` above; `cudnn`
+  calls `jax.nn.dot_product_attention` for the fused kernel. The plain path is taken
+  whatever `attention_impl` says when attention dropout is active or the weights are being
+  extracted (the `intermediates` collection is mutable: they are sown).
   `bias` broadcasts to [batch, heads, n, m]; `mask` (True = attend) likewise.
   `qkv_bias` puts biases on the query, key and value projections (timm's `qkv_bias`;
   the official CCT has none), `proj_bias` on the output projection.
@@ -360,8 +268,7 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *,
                bias: jax.Array | None = None, mask: jax.Array | None = None,
                train: bool = False) -> jax.Array:
-    self_attention = inputs_kv is None
-    inputs_kv = inputs_q if self_attention else inputs_kv
+    inputs_kv = inputs_q if inputs_kv is None else inputs_kv
     check_attention_impl(self.attention_impl)
     head_dim = self.head_dim or inputs_q.shape[-1] // self.num_heads
     if self.head_dim is None and inputs_q.shape[-1] % self.num_heads:
@@ -369,82 +276,39 @@ class MultiHeadAttention(nn.Module):
                        f"{inputs_q.shape[-1]} (or give head_dim).")
     if self.logit_scale not in ("rsqrt", "learned"):
       raise ValueError(f"logit_scale={self.logit_scale!r}; allowed: rsqrt, learned")
-    heads = (self.num_heads, head_dim)
-    q_params, k_params, v_params = (
-        DenseParams((x.shape[-1],), heads, self.qkv_bias, self.dtype, name=name)()
-        for x, name in ((inputs_q, "query"), (inputs_kv, "key"), (inputs_kv, "value")))
-    explicit = (train and self.attention_dropout_rate > 0.0) or self.is_mutable_collection(
-        "intermediates")
-    implementation = "xla" if explicit else attention_implementation(
-        self.attention_impl, self.dtype, head_dim)
-    layout = "bhnk" if implementation == "xla" else "bnhk"
-    if self_attention:
-      q, k, v = _project(inputs_q.astype(self.dtype), (q_params, k_params, v_params), layout)
-    else:
-      (q,) = _project(inputs_q.astype(self.dtype), (q_params,), layout)
-      k, v = _project(inputs_kv.astype(self.dtype), (k_params, v_params), layout)
+    projection = functools.partial(nn.DenseGeneral, (self.num_heads, head_dim),
+                                   use_bias=self.qkv_bias, kernel_init=dense_init,
+                                   dtype=self.dtype)
+    q = projection(name="query")(inputs_q)  # [batch, n, heads, head_dim]
+    k = projection(name="key")(inputs_kv)   # [batch, m, heads, head_dim]
+    v = projection(name="value")(inputs_kv)
     if self.logit_scale == "learned":
-      # Both paths below divide q.k by sqrt(head_dim); this makes the product scale * q.k.
+      # The attention divides q.k by sqrt(head_dim); this makes the product scale * q.k.
       scale = self.param("scale", nn.initializers.ones, ())
       q = q * (scale * np.sqrt(head_dim)).astype(q.dtype)
 
+    dropping = train and self.attention_dropout_rate > 0.0
+    sowing = self.is_mutable_collection("intermediates")
+    implementation = "xla" if dropping or sowing else attention_implementation(
+        self.attention_impl, self.dtype, head_dim)
     if implementation == "xla":
-      logits = attention_logits(q, k)
-      logits = logits * np.float32(1.0 / np.sqrt(head_dim))
-      if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-      if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-      if self.is_mutable_collection("intermediates"):
-        sow_attention(self, jax.nn.softmax(logits, axis=-1).astype(self.dtype))
-      dropout = None
-      if train and self.attention_dropout_rate > 0.0:  # nn.Dropout's scale of each weight
-        dropout = nn.Dropout(self.attention_dropout_rate)(
-            jnp.ones(logits.shape, self.dtype), deterministic=False)
-      out = softmax_values(logits, v, dropout)
-      out_axes = "bhnk"
+      dropout = nn.Dropout(self.attention_dropout_rate, deterministic=False)
+      out = dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                  dropout=dropout if dropping else None,
+                                  sow=functools.partial(sow_attention, self) if sowing
+                                  else None)
     else:
       out = jax.nn.dot_product_attention(
           q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
           implementation=implementation)
-      out_axes = "bnhk"
-    out = jnp.einsum(f"{out_axes}->bnhk", out)
     if not self.output_projection:
       if self.out_dim not in (None, self.num_heads * head_dim):
         raise ValueError(f"out_dim={self.out_dim} needs an output projection: without one the "
                          f"output width is heads * head_dim = {self.num_heads * head_dim}")
       return out.reshape(out.shape[:-2] + (self.num_heads * head_dim,))
-    kernel, out_bias = DenseParams(heads, (self.out_dim or inputs_q.shape[-1],),
-                                   self.proj_bias, self.dtype, name="out")()
-    y = _matmul_2d(out, kernel, 2)
-    return y if out_bias is None else y + out_bias
-
-
-def _matmul_2d(x: jax.Array, kernel: jax.Array, contracted: int) -> jax.Array:
-  """x [..., *c] against kernel [*c, *o] -> [..., *o] (c: the last `contracted` axes of x)
-  as one plain [rows, prod(c)] x [prod(c), prod(o)] matmul. XLA's CPU backend ran the
-  attention's projections as einsums over the split axes 1.05x (ViT-S/16) to 2.1x (CCT
-  seed) slower, forward and backward (benchmarks/PROFILE.md)."""
-  lead, out = x.shape[:x.ndim - contracted], kernel.shape[contracted:]
-  y = x.reshape(math.prod(lead), -1) @ kernel.reshape(math.prod(kernel.shape[:contracted]),
-                                                      -1)
-  return y.reshape(*lead, *out)
-
-
-def _project(x: jax.Array, params: Sequence[tuple[jax.Array, jax.Array | None]],
-             layout: str) -> list[jax.Array]:
-  """x [batch, n, d] against each (kernel [d, heads, head_dim], bias) in one matmul:
-  a [batch, heads, n, head_dim] (`layout='bhnk'`) or [batch, n, heads, head_dim] ('bnhk')
-  array per projection."""
-  # [b, n, p, heads, head_dim] from one plain matmul, sliced and transposed after.
-  y = _matmul_2d(x, jnp.stack([kernel for kernel, _ in params], axis=1), 1)
-  if params[0][1] is not None:
-    y = y + jnp.stack([bias for _, bias in params])        # [p, heads, head_dim]
-  # index_in_dim (slice, squeeze), not y[:, :, i]: with a symbolic batch (export) indexing
-  # becomes a gather that the TFLite converter rejects.
-  return [jnp.einsum(f"bnhk->{layout}", jax.lax.index_in_dim(y, i, 2, keepdims=False))
-          for i in range(len(params))]
-
+    return nn.DenseGeneral(self.out_dim or inputs_q.shape[-1], axis=(-2, -1),
+                           use_bias=self.proj_bias, kernel_init=dense_init, dtype=self.dtype,
+                           name="out")(out)
 
 BLOCK_FORMS = ("pre_norm", "cct")
 
@@ -629,289 +493,3 @@ def classifier(x: jax.Array, num_classes: int, dtype: Dtype = jnp.float32,
   """
   return nn.Dense(num_classes, dtype=dtype, kernel_init=nn.initializers.zeros,
                   name=name)(x).astype(jnp.float32)
-
-
-def strided_windows(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
-                    out_shape: tuple[int, int]) -> Iterator[jax.Array]:
-  """The window[0] * window[1] strided windows of an already padded map [b, H, W, C], row
-  major by offset (i, j): the cells at offset (i, j) of every window, [b, out_h, out_w, C]
-  each (a pooling's or a depthwise convolution's taps).
-
-  lax slices, not x[:, a:b:s]: with a symbolic batch (export) strided indexing becomes a
-  gather that the TFLite converter rejects."""
-  (sh, sw), (out_h, out_w) = strides, out_shape
-  batch, _, _, channels = x.shape
-  for i in range(window[0]):
-    for j in range(window[1]):
-      yield jax.lax.slice(x, (0, i, j, 0),
-                          (batch, i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, channels),
-                          (1, sh, sw, 1))
-
-
-def interleave_phases(phases: Sequence[jax.Array], strides: tuple[int, int]) -> jax.Array:
-  """strides[0] * strides[1] phase maps [b, rows, cols, C], row major by phase (p, q), ->
-  [b, rows * s_h, cols * s_w, C] with out[:, r * s_h + p, c * s_w + q] = phase (p, q)[:, r, c]:
-  a gradient built one stride phase at a time, put back in place."""
-  sh, sw = strides
-  b, rows, cols, c = phases[0].shape
-  # Stacked straight into [b, rows, s_h, cols, s_w, C]
-  phase_rows = [jnp.stack(phases[p * sw:(p + 1) * sw], axis=3) for p in range(sh)]
-  return jnp.stack(phase_rows, axis=2).reshape(b, rows * sh, cols * sw, c)
-
-
-def _pool_pads(spatial: tuple[int, int], window: tuple[int, int], strides: tuple[int, int],
-               padding: str | Sequence[tuple[int, int]]) -> Sequence[tuple[int, int]]:
-  """((top, bottom), (left, right)) of a max-pool's padding ("SAME", "VALID" or explicit)."""
-  if isinstance(padding, str):
-    return jax.lax.padtype_to_pads(spatial, window, strides, padding)
-  return padding
-
-
-def _pool_windows(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
-                  padding: str | Sequence[tuple[int, int]], with_argmax: bool
-                  ) -> tuple[jax.Array, jax.Array | None]:
-  """Each window's maximum [batch, oh, ow, C] and, with `with_argmax`, the offset in the
-  window that holds it (i * window_w + j, int8 or int32; the first among equal values)."""
-  _, height, width, _ = x.shape
-  (top, bottom), (left, right) = _pool_pads((height, width), window, strides, padding)
-  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)),
-                   constant_values=-jnp.inf)
-  oh = (height + top + bottom - window[0]) // strides[0] + 1
-  ow = (width + left + right - window[1]) // strides[1] + 1
-  index_dtype = jnp.int8 if window[0] * window[1] <= 127 else jnp.int32
-  cells = strided_windows(padded, window, strides, (oh, ow))
-  pooled = next(cells)
-  argmax = jnp.zeros(pooled.shape, index_dtype) if with_argmax else None
-  for offset, cell in enumerate(cells, start=1):
-    if with_argmax:  # strictly greater: a tie keeps the earlier offset
-      argmax = jnp.where(cell > pooled, jnp.asarray(offset, index_dtype), argmax)
-    pooled = jnp.maximum(pooled, cell)
-  return pooled, argmax
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
-             padding: str | Sequence[tuple[int, int]]) -> jax.Array:
-  """`nn.max_pool` over [batch, H, W, C], written out for XLA's CPU backend.
-
-  Values are `nn.max_pool`'s (padding "SAME" / "VALID" or ((top, bottom), (left, right));
-  padded cells never win): the maximum over the window's strided slices of the padded
-  input, one loop fusion where XLA's CPU `reduce-window` runs a loop per output. The
-  gradient is XLA's (each window's cotangent to its maximum; among equal values the first
-  in row-major window order, as XLA, PyTorch and TensorFlow choose), without XLA's
-  select-and-scatter, whose argmax-carrying reduce-window took about 18% of the CCT seed
-  step on CPU: the forward pass keeps each window's argmax offset, and the backward pass
-  builds the input gradient one stride phase (row mod stride, column mod stride) at a time
-  from the offsets that reach it, interleaved after. CCT seed tokenizer's two pools with
-  their ReLU and padding, batch 128, forward and backward: 20.7 -> 12.6 ms and 9.7 -> 3.6
-  ms (benchmarks/PROFILE.md, "The tokenizer's max-pools written out").
-  """
-  return _pool_windows(x, window, strides, padding, with_argmax=False)[0]
-
-
-def _max_pool_fwd(x, window, strides, padding):
-  pooled, argmax = _pool_windows(x, window, strides, padding, with_argmax=True)
-  return pooled, (argmax, x.shape)
-
-
-def _max_pool_bwd(window, strides, padding, residuals, g):
-  argmax, (batch, height, width, channels) = residuals
-  (top, bottom), (left, right) = _pool_pads((height, width), window, strides, padding)
-  sh, sw = strides
-  oh, ow = g.shape[1:3]
-  # Padded row r = o * sh + i (window o, offset i) is row r // sh of phase r % sh; a phase
-  # has ceil(padded height / sh) rows. Likewise for columns.
-  rows, cols = -(-(height + top + bottom) // sh), -(-(width + left + right) // sw)
-  zero = jnp.zeros((), g.dtype)
-  phases = []
-  for pi in range(sh):
-    for pj in range(sw):
-      phase = jnp.zeros((batch, rows, cols, channels), g.dtype)
-      for i in range(pi, window[0], sh):
-        for j in range(pj, window[1], sw):
-          taken = jnp.where(argmax == i * window[1] + j, g, zero)
-          di, dj = i // sh, j // sw  # window o's offset i is phase row o + di
-          phase = phase + jax.lax.pad(taken, zero, ((0, 0, 0), (di, rows - oh - di, 0),
-                                                    (dj, cols - ow - dj, 0), (0, 0, 0)))
-      phases.append(phase)
-  grad = interleave_phases(phases, strides)
-  return (grad[:, top:top + height, left:left + width],)
-
-
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
-
-
-# The attention's two products in the head-major layout, with gradients that suit XLA's CPU
-# backend. Two of their four backward products contract over the query tokens, the rows of
-# both operands (`einsum('bhnk,bhnm->bhmk')`); XLA's CPU backend runs those in its own dot
-# emitter, not YNNPACK. With many tokens per head dimension that is slow: on
-# MobileViT-XXS's 32x32 stage ([64, 4, 256, 16] against [64, 4, 256, 256]) 17.3 ms, against
-# 5.2 ms when the small [.., n, k] operand is transposed first and the [.., k, m] result
-# after, behind optimization barriers that keep XLA from folding the transposes back into
-# the dot; one more in front of the transposed operand keeps its producers (a LayerNorm's
-# or GELU's backward, often) out of the transposing copy, which XLA's CPU backend runs
-# several times slower with them fused in (the project's CPU steps keep their barriers to
-# the end: `cpu_kernels`). At ViT-S/16's, CCT's, Swin's and MobileViT's other shapes the
-# two took the same time or the transposes cost more, so only n >= 8x the narrower width on
-# CPU takes that form (benchmarks/PROFILE.md); everything else is the plain einsum, as
-# autodiff writes it.
-# MobileViT's 1x1 convolutions use the same helper for their kernel gradient (`dot_general`).
-
-
-def _contract_rows(x: jax.Array, y: jax.Array, precision: Any = None) -> jax.Array:
-  """x [.., n, k], y [.., n, m] -> [.., m, k]: `einsum('...nk,...nm->...mk')`.
-
-  On CPU, with n at least 8x the narrower width, the narrower operand is transposed first
-  and the product is a plain matmul (the [.., k, m] result transposed after, where x was
-  the narrower), each transpose between optimization barriers: the operand materialised
-  before it, the transposed array after."""
-  def plain(x, y):
-    return jnp.einsum("...nk,...nm->...mk", x, y, precision=precision)
-
-  barrier = jax.lax.optimization_barrier
-
-  def written_out_transposed(a):  # [.., n, w] materialised, then [.., w, n] materialised
-    return barrier(jnp.swapaxes(barrier(a), -1, -2))
-
-  def transposed(x, y):
-    if y.shape[-1] < x.shape[-1]:
-      return jnp.matmul(written_out_transposed(y), x, precision=precision)
-    product = jnp.matmul(written_out_transposed(x), y, precision=precision)  # [.., k, m]
-    return jnp.swapaxes(barrier(product), -1, -2)
-
-  if x.shape[-2] < 8 * min(x.shape[-1], y.shape[-1]):
-    return plain(x, y)
-  return jax.lax.platform_dependent(x, y, cpu=transposed, default=plain)
-
-
-@jax.custom_vjp
-def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
-  """q [b, h, n, d], k [b, h, m, d] -> q.k [b, h, n, m] in float32."""
-  return jnp.einsum("bhnk,bhmk->bhnm", q, k, preferred_element_type=jnp.float32)
-
-
-def _attention_logits_fwd(q, k):
-  return attention_logits(q, k), (q, k)
-
-
-def _attention_logits_bwd(residuals, g):
-  q, k = residuals
-  dq = jnp.einsum("bhnm,bhmk->bhnk", g, k, preferred_element_type=jnp.float32)
-  dk = _contract_rows(q.astype(g.dtype), g)
-  return dq.astype(q.dtype), dk.astype(k.dtype)
-
-
-attention_logits.defvjp(_attention_logits_fwd, _attention_logits_bwd)
-
-
-@jax.custom_vjp
-def attention_values(weights: jax.Array, v: jax.Array) -> jax.Array:
-  """weights [b, h, n, m], v [b, h, m, d] -> [b, h, n, d]."""
-  return jnp.einsum("bhnm,bhmk->bhnk", weights, v)
-
-
-def _attention_values_fwd(weights, v):
-  return attention_values(weights, v), (weights, v)
-
-
-def _attention_values_bwd(residuals, g):
-  weights, v = residuals
-  d_weights = jnp.einsum("bhnk,bhmk->bhnm", g, v)
-  return d_weights.astype(weights.dtype), _contract_rows(g, weights).astype(v.dtype)
-
-
-attention_values.defvjp(_attention_values_fwd, _attention_values_bwd)
-
-
-# softmax(logits) v with one identity in its gradient: the softmax's backward pass needs,
-# for each query row n, s_n = sum_m dP_nm P_nm (dP the gradient of the weights P), a
-# reduction over the m key tokens of two [b, h, n, m] arrays. With O = P V and dP = dO V^T
-# that sum is dO_n . O_n, a reduction over head_dim of the [b, h, n, d] output and its
-# gradient (FlashAttention's D = rowsum(dO * O)); it holds with attention dropout too, O
-# being the product of the dropped-out weights. The saving grows with tokens per head_dim:
-# MobileViT-XXS's train step (256 tokens, head_dim 16) 1.085x, CCT's 1.02x, Swin-T's and
-# ViT-S/16's unchanged on a 2-core CPU (benchmarks/PROFILE.md, "The softmax's row sums").
-
-
-@jax.custom_vjp
-def softmax_values(logits: jax.Array, v: jax.Array,
-                   dropout: jax.Array | None = None) -> jax.Array:
-  """`attention_values(softmax(logits) * dropout, v)`: logits [b, h, n, m] (float32), v
-  [b, h, m, d] -> [b, h, n, d] in v's dtype. `dropout`: None, or the dropout's scale per
-  weight (0 or 1 / keep, broadcasting to logits), applied after the weights are cast to
-  v's dtype, as `nn.Dropout` on the weights would."""
-  return _softmax_values_fwd(logits, v, dropout)[0]
-
-
-def _dropped(weights, dtype, dropout):
-  """The weights the value product sees: cast to `dtype`, then scaled by `dropout`."""
-  weights = weights.astype(dtype)
-  return weights if dropout is None else weights * dropout.astype(dtype)
-
-
-def _softmax_values_fwd(logits, v, dropout):
-  weights = jax.nn.softmax(logits, axis=-1)
-  out = attention_values(_dropped(weights, v.dtype, dropout), v)
-  return out, (weights, v, dropout, out)
-
-
-def _softmax_values_bwd(residuals, g):
-  weights, v, dropout, out = residuals
-  # The dropped weights recomputed (an elementwise pass) rather than kept beside `weights`.
-  d_dropped, dv = _attention_values_bwd((_dropped(weights, v.dtype, dropout), v), g)
-  d_weights = d_dropped.astype(jnp.float32)
-  if dropout is not None:
-    d_weights = d_weights * dropout.astype(jnp.float32)
-  row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  d_logits = weights * (d_weights - row)
-  return (d_logits.astype(weights.dtype), dv,
-          None if dropout is None else jnp.zeros_like(dropout))
-
-
-softmax_values.defvjp(_softmax_values_fwd, _softmax_values_bwd)
-
-
-def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
-                precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
-  """`jax.lax.dot_general` with a cheaper kernel gradient for a Dense layer on CPU.
-
-  Pass it as `nn.Dense(..., dot_general=layers.dot_general)`: parameters, forward pass and
-  input gradient stay lax's. For inputs [..., c_in] against a kernel [c_in, c_out] the
-  kernel's gradient contracts over every row of both operands; autodiff leaves that to
-  XLA, which on CPU writes the output gradient out transposed and runs the product in its
-  own dot emitter. Here it is `_contract_rows`, as for the attention's: on CPU the
-  narrower operand is transposed first and the product is a plain matmul in YNNPACK: a 1x1
-  convolution from 16 to 64 channels on [16, 128, 128] 2.3x faster forward and backward,
-  the MobileViT-XXS step 1.12x. `Mlp`'s Dense layers take it too: train steps 1.01-1.06x
-  (ViT-S/16, Swin-T, CCT, MobileViT-XXS on a 2-core CPU), where an earlier, noisier
-  measurement had seen nothing; the attention's projections (`_matmul_2d`) keep lax's,
-  with which CCT's step ran 0.95x (benchmarks/PROFILE.md). Other contractions are lax's.
-  """
-  (lhs_contract, rhs_contract), batch = dimension_numbers
-  dense = (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
-           and rhs.ndim == 2 and not any(batch[0]) and not any(batch[1])
-           and preferred_element_type is None)
-  if not dense:
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
-  return _dense_product(lhs, rhs, precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense_product(x, kernel, precision):
-  return jnp.matmul(x, kernel, precision=precision)
-
-
-def _dense_product_fwd(x, kernel, precision):
-  return _dense_product(x, kernel, precision), (x, kernel)
-
-
-def _dense_product_bwd(precision, residuals, g):
-  x, kernel = residuals
-  dx = jnp.matmul(g, kernel.T, precision=precision)
-  d_kernel = _contract_rows(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]),
-                            precision)
-  return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
-
-
-_dense_product.defvjp(_dense_product_fwd, _dense_product_bwd)

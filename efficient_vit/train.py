@@ -46,8 +46,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from efficient_vit import (augment, cost, cpu_kernels, cpu_random, device_input, init_from,
-                           input_pipeline, metric_logging, optim)
+from efficient_vit import (augment, cost, device_input, init_from, input_pipeline,
+                           metric_logging, optim, xla_options)
 from efficient_vit.models import build_model
 
 AXIS = "data"
@@ -234,8 +234,8 @@ class DataParallel:
     # on, the gradient of the replicated parameters would arrive already summed over
     # devices and the explicit pmean would not be the mean.
     shard = functools.partial(jax.shard_map, mesh=self.mesh, check_vma=False)
-    # On CPU: convolutions on all threads, optimization barriers kept (cpu_kernels).
-    options = cpu_kernels.compiler_options()
+    # On CPU: convolutions on all threads, optimization barriers kept (xla_options).
+    options = xla_options.compiler_options()
     self.train_step = jax.jit(
         shard(train_fn, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P())),
         donate_argnums=0, compiler_options=options)
@@ -307,7 +307,7 @@ class PmapParallel(DataParallel):
     self._global_mesh()
     self.local_mesh = Mesh(np.asarray(jax.local_devices()), (AXIS,))
     # jax.pmap takes no compiler_options: on CPU its convolutions stay YNNPACK's, and remat
-    # without scan saves no memory (cpu_kernels).
+    # without scan saves no memory (xla_options).
     self.train_step = jax.pmap(train_fn, axis_name=AXIS, in_axes=(0, 0, None),
                                donate_argnums=0)
     self.eval_step = jax.pmap(eval_fn, axis_name=AXIS)
@@ -367,7 +367,7 @@ class FsdpParallel(DataParallel):
                abstract_state: Callable[[], Any]):
     self._global_mesh()
     self._state_sharding = self.state_sharding(abstract_state())
-    options = cpu_kernels.compiler_options()
+    options = xla_options.compiler_options()
     self.train_step = jax.jit(
         functools.partial(train_fn, axis_name=None), donate_argnums=0,
         out_shardings=(self._state_sharding, self.replicated), compiler_options=options)
@@ -509,7 +509,6 @@ def build(config: ml_collections.ConfigDict,
   so that a size the model cannot take is an error here, naming the field.
   """
   validate_config(config)
-  cpu_random.unroll_threefry_on_cpu()  # same random bits, one kernel instead of a loop
   info = info or input_pipeline.dataset_info(config)
   steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
   total_steps = (config.num_train_steps if config.num_train_steps > 0

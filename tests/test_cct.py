@@ -307,26 +307,3 @@ def test_cifar_recipe_schedule_follows_timm_warmup_min_lr_and_cooldown():
   assert 1e-5 < lr(150) < 5.5e-4
   for epoch in (300, 305, 310 - 1 / per_epoch):  # `cooldown_epochs` at `min_lr`
     assert lr(epoch) == pytest.approx(1e-5, rel=1e-5), epoch
-
-
-@pytest.mark.parametrize("size, window, strides, padding", [
-    (16, (3, 3), (2, 2), "SAME"), (15, (3, 3), (2, 2), "SAME"), (16, (3, 3), (2, 2), "VALID"),
-    (15, (3, 3), (2, 2), ((1, 1), (1, 1))), (16, (3, 3), (2, 2), ((0, 1), (1, 0))),
-    (9, (3, 3), (1, 1), "SAME"), (10, (2, 2), (2, 2), "VALID"), (11, (2, 3), (3, 2), "SAME"),
-    (12, (4, 2), (3, 1), ((2, 1), (0, 1)))])
-def test_max_pool_values_and_gradient_equal_xla_with_ties(size, window, strides, padding):
-  # ReLU outputs (many tied zeros) and whole rows of one value: ties in most windows, where
-  # the gradient must go to one cell (the first in window order), not be copied to each.
-  # Strides below, equal to and above the window (cells no window reaches get no gradient).
-  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, size, size + 1, 3)))
-  x = x.at[:, ::3].set(0.5)
-  pooled, pool_vjp = jax.vjp(lambda x: layers.max_pool(x, window, strides, padding), x)
-  expected, xla_vjp = jax.vjp(lambda x: nn.max_pool(x, window, strides, padding=padding), x)
-  np.testing.assert_array_equal(pooled, expected)
-  np.testing.assert_array_equal(jax.jit(layers.max_pool, static_argnums=(1, 2, 3))(
-      x, window, strides, padding), expected)
-  cotangent = jax.random.normal(jax.random.key(1), pooled.shape)
-  (grad,), (xla_grad,) = pool_vjp(cotangent), xla_vjp(cotangent)
-  np.testing.assert_allclose(grad, xla_grad, rtol=1e-6, atol=1e-6)
-  # Each window's cotangent lands once: the gradient sums to the cotangent's sum.
-  np.testing.assert_allclose(grad.sum(), cotangent.sum(), rtol=1e-5)

@@ -57,7 +57,7 @@ def test_a_freed_buffer_is_reused_without_page_faults():
   assert max(retained["faults"][1:]) < pages // 100, retained
 
 
-# Run as a program: restarts itself for huge pages (unless told not to), then mallocs,
+# Run as a program: restarts itself for huge pages (when asked), then mallocs,
 # writes and keeps a buffer; printed once per start: the PID and GLIBC_TUNABLES, then
 # whether the buffer's mapping may take transparent huge pages and how many kB it got.
 RESTARTING = f"""
@@ -109,23 +109,23 @@ def _starts(*args: str, tunables: str | None = None) -> list[dict]:
 @pytest.mark.skipif(not host_memory.huge_pages_available(),
                     reason="needs glibc 2.35+ and transparent huge pages not 'never'")
 def test_the_program_restarts_once_with_malloc_on_huge_pages():
-  first, again, done = _starts("__main__")  # Started twice: one restart, no loop.
+  first, again, done = _starts("__main__", "--host_huge_pages")  # One restart, no loop.
   assert first["pid"] == again["pid"] == done["pid"]  # execve: the same process.
   assert first["tunables"] is None and done["tunables"] == "glibc.malloc.hugetlb=1"
   # The buffer's mapping is advised for huge pages (whether the kernel found free ones
   # at that moment is its business: `huge_kb` says, and is not asserted).
   assert done["on"] and done["eligible"], done
   # Other tunables are kept.
-  *_, done = _starts("__main__", tunables="glibc.malloc.check=0")
+  *_, done = _starts("__main__", "--host_huge_pages", tunables="glibc.malloc.check=0")
   assert done["tunables"] == "glibc.malloc.check=0:glibc.malloc.hugetlb=1"
 
 
 @pytest.mark.skipif(not host_memory.huge_pages_available(),
                     reason="needs glibc 2.35+ and transparent huge pages not 'never'")
 @pytest.mark.parametrize("args, tunables", [
-    (("imported_module",), None),  # main() called by other code: never restarts.
-    (("__main__", "--nohost_huge_pages"), None),
-    (("__main__",), "glibc.malloc.hugetlb=0"),  # The user's choice stands.
+    (("imported_module", "--host_huge_pages"), None),  # main() called by other code.
+    (("__main__",), None),  # Off unless asked for.
+    (("__main__", "--host_huge_pages"), "glibc.malloc.hugetlb=0"),  # The user's choice.
 ])
 def test_no_restart_when_not_the_entry_point_or_not_asked(args, tunables):
   starts = _starts(*args, tunables=tunables)

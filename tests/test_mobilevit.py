@@ -14,8 +14,7 @@ import pytest
 from configs import mobilevit as mobilevit_config
 from efficient_vit import cost, layers, optim
 from efficient_vit.models import build_model
-from efficient_vit.models.mobilevit import (BatchNorm, DepthwiseConv, InvertedResidual,
-                                            MobileViT, batch_norm, conv_pads, depthwise_conv,
+from efficient_vit.models.mobilevit import (ConvBlock, InvertedResidual, MobileViT, conv_pads,
                                             fold, unfold)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,98 +104,22 @@ def test_maps_the_patch_does_not_divide_are_an_error_or_resized():
   assert logits.shape == (2, 5) and np.all(np.isfinite(logits))
 
 
-@pytest.mark.parametrize("side,strides,kernel_size", [(8, 2, 3), (7, 1, 5)])
-def test_depthwise_conv_equals_a_grouped_convolution(side, strides, kernel_size):
-  module = DepthwiseConv(kernel_size, strides)
+@pytest.mark.parametrize("side,strides,kernel_size,padding", [
+    (8, 2, 3, "symmetric"), (7, 1, 5, "symmetric"), (9, 2, 3, "same"), (10, 2, 5, "same")])
+def test_depthwise_conv_block_is_a_grouped_convolution(side, strides, kernel_size, padding):
+  """The depthwise ConvBlock: kernel [k, k, 1, C], one group per channel, padded as
+  `conv_pads` says (TensorFlow's same pads asymmetrically)."""
+  module = ConvBlock(3, kernel_size, strides, depthwise=True, use_norm=False,
+                     use_activation=False, padding=padding)
   x = images(2, side)
   variables = init(module, x)
-  kernel = variables["params"]["kernel"]
+  kernel = variables["params"]["conv"]["kernel"]
   assert kernel.shape == (kernel_size, kernel_size, 1, 3)
-  pad = kernel_size // 2
+  pads = (conv_pads(side, kernel_size, strides, padding),) * 2
   expected = jax.lax.conv_general_dilated(
-      x, kernel, (strides, strides), ((pad, pad), (pad, pad)),
+      x, kernel, (strides, strides), pads,
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=3)
   np.testing.assert_allclose(apply(module, variables, x), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("side,strides,kernel_size,padding", [
-    (8, 1, 3, "symmetric"), (8, 2, 3, "symmetric"), (9, 2, 3, "symmetric"),
-    (8, 2, 3, "same"), (9, 2, 3, "same"), (7, 1, 5, "symmetric"), (10, 2, 5, "same"),
-    (11, 3, 3, "symmetric"), (10, 3, 5, "same")])  # strides > 1: the gradients by phase
-def test_depthwise_conv_gradients_equal_the_grouped_convolutions(side, strides, kernel_size,
-                                                                 padding):
-  """`depthwise_conv`'s written-out gradient against autodiff of lax's grouped convolution,
-  odd and even maps, both paddings (TensorFlow's same pads asymmetrically)."""
-  rng = np.random.default_rng(side + strides + kernel_size)
-  c = 4
-  x = jnp.asarray(rng.normal(size=(2, side, side, c)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, c)), jnp.float32)
-  pads = (conv_pads(side, kernel_size, strides, padding),) * 2
-
-  def grouped(x, kernel):
-    return jax.lax.conv_general_dilated(
-        x, kernel[:, :, None], (strides, strides), pads,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-
-  out_shape = jax.eval_shape(grouped, x, kernel).shape
-  g = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
-  ours = jax.vjp(lambda x, k: depthwise_conv(x, k, strides, pads), x, kernel)
-  theirs = jax.vjp(grouped, x, kernel)
-  np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
-  for got, want in zip(ours[1](g), theirs[1](g)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-
-
-def test_batch_norm_equals_flax_batch_norm_with_gradients_and_statistics():
-  """The project's BatchNorm (a written-out gradient) against flax's `nn.BatchNorm`: the
-  same variables, outputs, gradients of the input and the parameters, running statistics
-  after a training pass, and eval outputs."""
-  rng = np.random.default_rng(0)
-  # Channels with a mean far from 0 and unequal scales: what cancellation would hurt.
-  x = jnp.asarray(rng.normal(size=(4, 5, 5, 6)) * rng.uniform(0.5, 3.0, 6)
-                  + rng.uniform(-4.0, 4.0, 6), jnp.float32)
-  ours = BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
-  theirs = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
-  variables = theirs.init(jax.random.key(0), x)
-  assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(variables)
-  variables = {"params": {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 6), jnp.float32),
-                          "bias": jnp.asarray(rng.normal(size=6), jnp.float32)},
-               "batch_stats": {"mean": jnp.asarray(rng.normal(size=6), jnp.float32),
-                               "var": jnp.asarray(rng.uniform(0.5, 2.0, 6), jnp.float32)}}
-  g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-
-  def train_pass(module, params, x):
-    y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
-    return jnp.sum(y * g), (y, updates["batch_stats"])
-
-  results = [jax.value_and_grad(functools.partial(train_pass, module), argnums=(0, 1),
-                                has_aux=True)(variables["params"], x)
-             for module in (ours, theirs)]
-  (_, (y, stats)), grads = results[0]
-  (_, (y_flax, stats_flax)), grads_flax = results[1]
-  np.testing.assert_allclose(y, y_flax, rtol=1e-5, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-               stats, stats_flax)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
-               grads, grads_flax)
-  assert float(jnp.abs(grads[1]).max()) > 1e-2  # Not a vanishing gradient.
-  evals = [module.copy(use_running_average=True).apply(variables, x)
-           for module in (ours, theirs)]
-  np.testing.assert_allclose(evals[0], evals[1], rtol=1e-5, atol=1e-5)
-  # The statistics' own cotangents (zero above: batch_stats are not differentiated) against
-  # autodiff of the same arithmetic.
-  scale, bias = variables["params"]["scale"], variables["params"]["bias"]
-  cotangents = (g, jnp.asarray(rng.normal(size=6), jnp.float32),
-                jnp.asarray(rng.normal(size=6), jnp.float32))
-
-  def derived(x, scale, bias):
-    mean = jnp.mean(x, (0, 1, 2))
-    var = jnp.mean(jnp.square(x), (0, 1, 2)) - jnp.square(mean)
-    return (x - mean) * (scale * jax.lax.rsqrt(var + 1e-5)) + bias, mean, var
-
-  for got, want in zip(jax.vjp(lambda *a: batch_norm(*a, 1e-5), x, scale, bias)[1](cotangents),
-                       jax.vjp(derived, x, scale, bias)[1](cotangents)):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("in_channels,out_channels,strides,residual",
@@ -383,25 +306,3 @@ def test_paper_presets_carry_the_ml_cvnets_recipe(preset):
   assert float(schedule(10_000)) == pytest.approx((2e-4 + 2e-3) / 2, rel=1e-5)
   assert float(schedule(20_000)) == pytest.approx(2e-3, rel=1e-5)  # max_lr
   assert float(schedule(300 * steps_per_epoch)) == pytest.approx(2e-4, rel=1e-5)  # min_lr
-
-
-@pytest.mark.parametrize("in_features, features", [(3, 8), (8, 3)])  # either operand transposed
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dense_with_the_cpu_kernel_gradient_equals_lax(in_features, features, dtype):
-  x = jax.random.normal(jax.random.key(0), (2, 5, 7, in_features), dtype)
-  plain = nn.Dense(features, dtype=dtype)
-  ours = nn.Dense(features, dtype=dtype, dot_general=layers.dot_general)
-  params = plain.init(jax.random.key(1), x)
-  loss = lambda dense, p, x: jnp.sum(jnp.sin(dense.apply(p, x).astype(jnp.float32)))
-  expected = jax.grad(functools.partial(loss, plain), argnums=(0, 1))(params, x)
-  got = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(params, x)
-  np.testing.assert_array_equal(ours.apply(params, x), plain.apply(params, x))
-  tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance, atol=tolerance),
-      got, expected)
-  # Anything but a Dense contraction is lax's own.
-  batched = (((2,), (1,)), ((0,), (0,)))
-  a, b = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
-  np.testing.assert_array_equal(layers.dot_general(a, b, batched),
-                                jax.lax.dot_general(a, b, batched))

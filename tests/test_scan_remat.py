@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficient_vit import (attention_maps, cost, cpu_kernels, import_weights, layers, optim,
+from efficient_vit import (attention_maps, cost, xla_options, import_weights, layers, optim,
                            scan_layout)
 from efficient_vit.models import build_model
 
@@ -51,7 +51,7 @@ def _loss_and_grads(model, variables, images):
     return jnp.sum(model.apply({**variables, "params": params}, images) * weights)
 
   # Compiled as the project's steps are (on CPU: optimization barriers kept).
-  options = cpu_kernels.compiler_options()
+  options = xla_options.compiler_options()
   return jax.jit(jax.value_and_grad(loss), compiler_options=options)(variables["params"])
 
 
@@ -137,7 +137,7 @@ def test_remat_lowers_the_gradient_memory(scan):
   """The benchmark's measure (`cost.step_memory_bytes`: arguments + outputs + temporaries
   of the compiled program) of a gradient step compiled as the project's steps are, at a
   batch where activations dominate: 64 tokens of width 32 in 4 blocks, batch 32. Without
-  scan on CPU this needs the barriers cpu_kernels keeps (XLA's CPU pipeline otherwise merges
+  scan on CPU this needs the barriers xla_options keeps (XLA's CPU pipeline otherwise merges
   the recomputation back into the forward pass: 1.00x)."""
   fields = dict(name="vit", patch_size=4, embed_dim=32, depth=4, num_heads=2, mlp_dim=64,
                 scan=scan)
@@ -147,7 +147,7 @@ def test_remat_lowers_the_gradient_memory(scan):
     model = build_model({**fields, "remat": remat}, NUM_CLASSES)
     params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
     grad = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images)))  # noqa: B023
-    options = cpu_kernels.compiler_options()
+    options = xla_options.compiler_options()
     compiled = jax.jit(grad, compiler_options=options).lower(params).compile()
     memory[remat] = cost.step_memory_bytes(compiled)
   assert memory["block"] < 0.5 * memory["none"], memory

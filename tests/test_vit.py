@@ -120,77 +120,25 @@ def test_s16_imagenet_recipe_updates_like_big_visions_optimizer():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *both)
 
 
-@pytest.mark.parametrize("tokens, head_dim", [(64, 8), (16, 8)])  # transposed form, plain
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_attention_products_have_autodiffs_gradients(tokens, head_dim, dtype):
-  q, k, v = (jax.random.normal(jax.random.key(i), (2, 3, tokens, head_dim), dtype)
-             for i in range(3))
+def test_attention_equals_jax_dot_product_attention(dtype):
+  """`layers.dot_product_attention` (einsum, softmax, einsum) against jax's own, with a bias
+  and a mask (Swin's shifted windows): values and gradients."""
+  b, n, m, h, d = 2, 16, 24, 3, 8
+  q = jax.random.normal(jax.random.key(0), (b, n, h, d), dtype)
+  k, v = (jax.random.normal(jax.random.key(i), (b, m, h, d), dtype) for i in (1, 2))
+  bias = jax.random.normal(jax.random.key(3), (1, h, n, m), dtype)
+  mask = jnp.broadcast_to(jnp.arange(m) < 20, (b, 1, n, m))
 
-  def attend(logits_fn, values_fn, q, k, v):
-    weights = jax.nn.softmax(logits_fn(q, k), axis=-1).astype(dtype)
-    return jnp.sum(jnp.sin(values_fn(weights, v).astype(jnp.float32)))
+  def loss(fn, q, k, v):
+    return jnp.sum(jnp.sin(fn(q, k, v, bias=bias, mask=mask).astype(jnp.float32)))
 
-  ours = jax.grad(functools.partial(attend, layers.attention_logits, layers.attention_values),
-                  argnums=(0, 1, 2))(q, k, v)
-  autodiff = jax.grad(functools.partial(
-      attend, lambda q, k: jnp.einsum("bhnk,bhmk->bhnm", q, k,
-                                      preferred_element_type=jnp.float32),
-      lambda w, v: jnp.einsum("bhnm,bhmk->bhnk", w, v)), argnums=(0, 1, 2))(q, k, v)
-  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
-  for a, b in zip(ours, autodiff):
-    assert a.dtype == b.dtype == dtype
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                               rtol=tolerance, atol=tolerance)
-
-
-@pytest.mark.parametrize("dropout", [False, True])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_softmax_values_has_autodiffs_gradients(dropout, dtype):
-  """The fused softmax and value product: values and gradients (logits, v) equal autodiff of
-  the softmax, the dropout's scaling and the plain product, with a bias and a mask in the
-  logits (Swin's shifted windows); its row sums come from the output instead of the weights."""
-  b, h, n, m, d = 2, 3, 16, 24, 8
-  logits = 3.0 * jax.random.normal(jax.random.key(0), (b, h, n, m))
-  logits = jnp.where(jnp.arange(m) < 20, logits, jnp.finfo(jnp.float32).min)  # masked keys
-  v = jax.random.normal(jax.random.key(1), (b, h, m, d), dtype)
-  scale = None
-  if dropout:
-    scale = jax.random.bernoulli(jax.random.key(2), 0.8, (b, h, n, m)).astype(dtype) / 0.8
-  cotangent = jax.random.normal(jax.random.key(3), (b, h, n, d))
-
-  def reference(logits, v):
-    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    weights = weights if scale is None else weights * scale
-    return jnp.einsum("bhnm,bhmk->bhnk", weights, v)
-
-  def loss(fn, logits, v):
-    return jnp.sum(fn(logits, v).astype(jnp.float32) * cotangent)
-
-  ours = jax.value_and_grad(functools.partial(loss, lambda l, v: layers.softmax_values(
-      l, v, scale)), argnums=(0, 1))(logits, v)
-  autodiff = jax.value_and_grad(functools.partial(loss, reference), argnums=(0, 1))(logits, v)
-  tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
-  for a, b_ in zip(jax.tree.leaves(ours), jax.tree.leaves(autodiff)):
+  theirs = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+  ours = jax.value_and_grad(functools.partial(loss, layers.dot_product_attention),
+                            argnums=(0, 1, 2))(q, k, v)
+  expected = jax.value_and_grad(functools.partial(loss, theirs), argnums=(0, 1, 2))(q, k, v)
+  tolerance = 1e-5 if dtype == jnp.float32 else 5e-2
+  for a, b_ in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
     assert a.dtype == b_.dtype
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b_, np.float32),
                                rtol=tolerance, atol=tolerance)
-
-
-def test_mlp_gradients_equal_plain_matmuls():
-  """`Mlp`'s Dense layers use `layers.dot_general` (the kernel gradient as a plain matmul on
-  CPU, here with 200 rows per 16 channels): values and gradients are those of x @ w + b."""
-  mlp = layers.Mlp(features=(32, 16), activation="gelu")
-  x = jax.random.normal(jax.random.key(0), (4, 50, 16))
-  params = mlp.init(jax.random.key(1), x)
-
-  def plain(params, x):
-    p = params["params"]
-    h = layers.gelu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
-    return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
-
-  loss = lambda f: lambda params, x: jnp.sum(jnp.sin(f(params, x)))
-  np.testing.assert_allclose(mlp.apply(params, x), plain(params, x), rtol=1e-6, atol=1e-6)
-  got = jax.grad(loss(mlp.apply), argnums=(0, 1))(params, x)
-  expected = jax.grad(loss(plain), argnums=(0, 1))(params, x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-               got, expected)

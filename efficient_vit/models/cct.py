@@ -126,8 +126,8 @@ class ConvTokenizer(nn.Module):
         x = jnp.pad(x, ((0, 0), (self.padding,) * 2, (self.padding,) * 2, (0, 0)))
       # lax's "SAME" is TensorFlow's rule; the padded cells never win the max.
       pool_padding = "SAME" if keras else ((self.pool_padding,) * 2,) * 2
-      x = layers.max_pool(x, (self.pool_kernel_size,) * 2, (self.pool_stride,) * 2,
-                          pool_padding)
+      x = nn.max_pool(x, (self.pool_kernel_size,) * 2, (self.pool_stride,) * 2,
+                      pool_padding)
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 

@@ -107,222 +107,13 @@ def conv_pads(size: int, kernel_size: int, strides: int, padding: str) -> tuple[
   return kernel_size // 2, kernel_size // 2
 
 
-def _shifted_sum(padded: jax.Array, kernel: jax.Array, strides: int, out_h: int,
-                 out_w: int) -> jax.Array:
-  """sum over taps (i, j) of window_ij(padded) * kernel[i, j]: a depthwise correlation of an
-  already padded map with kernel [k, k, C] -> [b, out_h, out_w, C]."""
-  k = kernel.shape[0]
-  out = 0
-  windows = layers.strided_windows(padded, (k, k), (strides, strides), (out_h, out_w))
-  for tap, window in zip(kernel.reshape(k * k, -1), windows):
-    out = out + window * tap
-  return out
-
-
-def _depthwise(x, kernel, strides, pads):
-  k = kernel.shape[0]
-  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  out_h, out_w = (xp.shape[1] - k) // strides + 1, (xp.shape[2] - k) // strides + 1
-  return _shifted_sum(xp, kernel, strides, out_h, out_w)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: int,
-                   pads: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-  """x [batch, H, W, C] (*) kernel [k, k, C], zero padding `pads` ((top, bottom), (left,
-  right)) -> [batch, H', W', C], as k * k shifted multiply-adds.
-
-  The gradient is written out (a custom VJP) rather than derived: the input's is the
-  transposed convolution as k * k shifted multiply-adds over the (stride-dilated) output
-  gradient, the kernel's one reduction per tap; only `x` is kept for the backward pass,
-  where autodiff would keep the k * k windows.
-  """
-  return _depthwise(x, kernel, strides, pads)
-
-
-def _depthwise_fwd(x, kernel, strides, pads):
-  return _depthwise(x, kernel, strides, pads), (x, kernel)
-
-
-def _strided_input_gradient(g: jax.Array, kernel: jax.Array, s: int, top: int, left: int,
-                            h: int, w: int) -> jax.Array:
-  """dx [b, h, w, C] of a stride-`s` depthwise correlation with kernel [k, k, C] and `top`,
-  `left` zeros before, from its output gradient g [b, out_h, out_w, C], one phase at a time.
-
-  Input row y = s * m + q (phase q) met kernel row i in output row (y + top - i) / s, so
-  only the taps with i = q + top (mod s) reach it: dx's phase q is a small correlation of g
-  with those taps, s * s phases interleaved after. Dilating g by the stride instead (as
-  stride 1 does) spends (s * s - 1) / (s * s) of the multiply-adds on zeros."""
-  k = kernel.shape[0]
-  b, out_h, out_w, c = g.shape
-  rows, cols = -(-h // s), -(-w // s)  # positions per phase (the last may overhang)
-
-  def taps(q: int, before: int) -> list[tuple[int, int]]:  # (kernel index, offset into g)
-    return [(i, (q + before - i) // s) for i in range(k) if (q + before - i) % s == 0]
-
-  taps_h = [taps(q, top) for q in range(s)]
-  taps_w = [taps(q, left) for q in range(s)]
-  lo_h = min([0] + [d for t in taps_h for _, d in t])
-  lo_w = min([0] + [d for t in taps_w for _, d in t])
-  hi_h = max([out_h] + [rows + d for t in taps_h for _, d in t])
-  hi_w = max([out_w] + [cols + d for t in taps_w for _, d in t])
-  gp = jnp.pad(g, ((0, 0), (-lo_h, hi_h - out_h), (-lo_w, hi_w - out_w), (0, 0)))
-  phases = []
-  for th in taps_h:
-    for tw in taps_w:
-      phase = jnp.zeros((b, rows, cols, c), g.dtype)
-      for i, d in th:
-        for j, e in tw:
-          window = gp[:, d - lo_h:d - lo_h + rows, e - lo_w:e - lo_w + cols]
-          phase = phase + window * kernel[i, j]
-      phases.append(phase)
-  return layers.interleave_phases(phases, (s, s))[:, :h, :w]
-
-
-def _depthwise_bwd(strides, pads, residuals, g):
-  x, kernel = residuals
-  k, s = kernel.shape[0], strides
-  _, h, w, _ = x.shape
-  (top, _), (left, _) = pads
-  out_h, out_w = g.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  if s > 1:
-    # dkernel[i, j] = sum(window_ij(x_padded) * g), the strided windows the forward pass
-    # read; dx one phase of the stride at a time. (MobileViT-XXS's stride-2 shapes, batch
-    # 16: the kernel's 2.2-8x and the input's 1.7-3x faster than the stride-1 form below.)
-    windows = layers.strided_windows(xp, (k, k), (s, s), (out_h, out_w))
-    dkernel = jnp.stack([jnp.sum(window * g, axis=(0, 1, 2))
-                         for window in windows]).reshape(kernel.shape)
-    dx = _strided_input_gradient(g, kernel, s, top, left, h, w)
-    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
-  zero = jnp.zeros((), g.dtype)
-  # dkernel[i, j] = sum(x_padded * g placed at (i, j)): one reduction per tap over the
-  # padded map (at stride 1 faster on CPU than reducing its windows, 3.4-4.5x).
-  dkernel = jnp.stack([
-      jnp.sum(xp * jax.lax.pad(g, zero, ((0, 0, 0), (i, xp.shape[1] - i - out_h, 0),
-                                         (j, xp.shape[2] - j - out_w, 0), (0, 0, 0))),
-              axis=(0, 1, 2)) for i in range(k) for j in range(k)]).reshape(kernel.shape)
-  # dx[y] = sum_i g[y + top - i] kernel[i]: g padded so that a correlation with the flipped
-  # kernel lands on x's h x w positions.
-  gp = jax.lax.pad(g, zero, ((0, 0, 0), (k - 1 - top, h + top - out_h, 0),
-                    (k - 1 - left, w + left - out_w, 0), (0, 0, 0)))
-  dx = _shifted_sum(gp, kernel[::-1, ::-1], 1, h, w)
-  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
-
-
-depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
-
-
-class DepthwiseConv(nn.Module):
-  """k x k depthwise convolution. [batch, H, W, C] -> [batch, H/s, W/s, C].
-
-  Zero padding by `conv_pads` (`padding`: symmetric, k // 2 per side, or TensorFlow's same).
-
-  The kernel [k, k, 1, C] has the layout of flax's grouped `nn.Conv`, and the result is the
-  same; it is computed by `depthwise_conv` because XLA's CPU grouped convolution (and even
-  more its gradient) measured 4-10x slower on these shapes.
-  """
-
-  kernel_size: int = 3
-  strides: int = 1
-  padding: str = "symmetric"
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    k, s = self.kernel_size, self.strides
-    _, h, w, c = x.shape
-    kernel = self.param("kernel", conv_init, (k, k, 1, c)).astype(self.dtype)
-    pads = (conv_pads(h, k, s, self.padding), conv_pads(w, k, s, self.padding))
-    return depthwise_conv(x.astype(self.dtype), kernel[:, :, 0], s, pads)
-
-
-def _batch_norm(x, scale, bias, epsilon):
-  axes = tuple(range(x.ndim - 1))
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axes)
-  var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), axes) - jnp.square(mean))
-  rstd = jax.lax.rsqrt(var + epsilon)
-  y = (x32 - mean) * (scale.astype(jnp.float32) * rstd) + bias.astype(jnp.float32)
-  return (y.astype(x.dtype), mean, var), rstd
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
-  """Batch norm over every axis but the last, with the batch's statistics.
-
-  x [..., C], scale and bias [C] -> (y like x, mean [C], var [C]): flax `nn.BatchNorm`'s
-  training-mode arithmetic (statistics in float32, var = E[x^2] - E[x]^2 clipped at 0).
-  The gradient is written out (a custom VJP) rather than derived: two reductions (the
-  sums of g and g * (x - mean)) and one elementwise pass, keeping only x, where autodiff
-  keeps more and runs more passes. It is that of the unclipped variance (they differ only
-  where a channel is constant over the batch).
-  """
-  return _batch_norm(x, scale, bias, epsilon)[0]
-
-
-def _batch_norm_fwd(x, scale, bias, epsilon):
-  out, rstd = _batch_norm(x, scale, bias, epsilon)
-  return out, (x, scale, out[1], rstd)
-
-
-def _batch_norm_bwd(epsilon, residuals, cotangents):
-  x, scale, mean, rstd = residuals
-  g, g_mean, g_var = cotangents
-  axes = tuple(range(x.ndim - 1))
-  count = x.size // x.shape[-1]
-  centered = x.astype(jnp.float32) - mean
-  g32 = g.astype(jnp.float32)
-  dbias = jnp.sum(g32, axes)
-  dscale = rstd * jnp.sum(g32 * centered, axes)
-  a = scale.astype(jnp.float32) * rstd
-  # dx = a (g - mean(g) - x_hat mean(g x_hat)) + g_mean / n + 2 g_var (x - mean) / n
-  #    = a g + c1 (x - mean) + c0, with per-channel c1 and c0.
-  c1 = -a * rstd * dscale / count + 2.0 * g_var / count
-  c0 = (g_mean - a * dbias) / count
-  dx = a * g32 + c1 * centered + c0
-  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
-
-
-batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
-
-
-class BatchNorm(nn.Module):
-  """flax `nn.BatchNorm` over the channels (the same `scale` / `bias` parameters and
-  `mean` / `var` batch statistics, the same momentum update), whose training pass is
-  `batch_norm`. [..., C] -> [..., C]."""
-
-  use_running_average: bool
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,))
-    bias = self.param("bias", nn.initializers.zeros, (c,))
-    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
-    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-    x = x.astype(self.dtype)
-    if self.use_running_average:
-      rstd = jax.lax.rsqrt(ra_var.value + self.epsilon)
-      y = (x.astype(jnp.float32) - ra_mean.value) * (scale * rstd) + bias
-      return y.astype(self.dtype)
-    y, mean, var = batch_norm(x, scale, bias, self.epsilon)
-    if not self.is_initializing():
-      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    return y
-
-
 class ConvBlock(nn.Module):
   """A convolution, optionally followed by batch norm and swish. [b, H, W, C] -> [b, H/s, W/s, F].
 
   Padding is k // 2 on every side (ml-cvnets) or TensorFlow's "same" (`padding`, see
-  `conv_pads`). A 1x1 convolution is a Dense over channels
-  (same parameters; XLA's CPU matmul is 2-4x faster than its 1x1 convolution).
-  `depthwise` makes it a depthwise convolution (F = C).
+  `conv_pads`). A 1x1 convolution is the same computation as a Dense over the channels and
+  is written as one (kernel [C, F]). `depthwise` makes it a depthwise convolution (F = C: a
+  grouped `nn.Conv` with one group per channel, kernel [k, k, 1, C], no bias).
   """
 
   features: int
@@ -342,18 +133,19 @@ class ConvBlock(nn.Module):
     pads = [conv_pads(side, self.kernel_size, self.strides, self.padding)
             for side in x.shape[1:3]]
     if self.depthwise:
-      x = DepthwiseConv(self.kernel_size, self.strides, self.padding, dtype=self.dtype,
-                        name="conv")(x)
+      x = nn.Conv(x.shape[-1], (self.kernel_size,) * 2, strides=(self.strides,) * 2,
+                  padding=pads, feature_group_count=x.shape[-1], use_bias=False,
+                  kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
     elif self.kernel_size == 1 and self.strides == 1:
       x = nn.Dense(self.features, use_bias=self.use_bias, kernel_init=conv_init,
-                   dot_general=layers.dot_general, dtype=self.dtype, name="conv")(x)
+                   dtype=self.dtype, name="conv")(x)
     else:
       x = nn.Conv(self.features, (self.kernel_size,) * 2, strides=(self.strides,) * 2,
                   padding=pads, use_bias=self.use_bias,
                   kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
     if self.use_norm:
-      x = BatchNorm(use_running_average=not train, momentum=self.batch_norm_momentum,
-                    epsilon=self.batch_norm_epsilon, dtype=self.dtype, name="norm")(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=self.batch_norm_momentum,
+                       epsilon=self.batch_norm_epsilon, dtype=self.dtype, name="norm")(x)
     return nn.swish(x) if self.use_activation else x
 
 

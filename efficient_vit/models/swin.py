@@ -176,8 +176,7 @@ class PatchMerging(nn.Module):
   """Concatenates each 2x2 neighbourhood, normalises, and projects 4C -> 2C (no bias).
 
   [batch, H, W, C] -> [batch, H/2, W/2, 2C]. The four neighbours are concatenated in the
-  official order: (even row, even col), (odd, even), (even, odd), (odd, odd). The
-  projection's kernel gradient is `layers.dot_general`'s (a plain matmul on CPU).
+  official order: (even row, even col), (odd, even), (even, odd), (odd, odd).
   """
 
   use_norm: bool = True
@@ -195,7 +194,7 @@ class PatchMerging(nn.Module):
     if self.use_norm:
       x = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype, name="norm")(x)
     return nn.Dense(2 * c, use_bias=False, dtype=self.dtype, kernel_init=layers.dense_init,
-                    dot_general=layers.dot_general, name="reduction")(x)
+                    name="reduction")(x)
 
 
 class SwinTransformer(nn.Module):

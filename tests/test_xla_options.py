@@ -1,4 +1,5 @@
-"""XLA's CPU kernel options: convolutions leave YNNPACK, dots and reductions stay, values equal."""
+"""The trainer's XLA CPU compiler options: convolutions leave YNNPACK, dots and reductions
+stay, remat's barriers hold, values equal."""
 
 import functools
 import re
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from efficient_vit import cpu_kernels, train
+from efficient_vit import xla_options, train
 
 
 def _conv(x, w):
@@ -61,16 +62,16 @@ def _on_cpu():
 
 def test_options_apply_on_cpu_only(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-  expected = {**cpu_kernels.CPU_OPTIONS, "xla_disable_hlo_passes": "cse_barrier_expander"}
-  assert cpu_kernels.compiler_options() == expected
-  assert cpu_kernels.compiler_options("cpu") == expected
-  assert cpu_kernels.compiler_options("gpu") is None
-  assert cpu_kernels.compiler_options("tpu") is None
+  expected = {**xla_options.CPU_OPTIONS, "xla_disable_hlo_passes": "cse_barrier_expander"}
+  assert xla_options.compiler_options() == expected
+  assert xla_options.compiler_options("cpu") == expected
+  assert xla_options.compiler_options("gpu") is None
+  assert xla_options.compiler_options("tpu") is None
 
 
 def test_passes_disabled_by_xla_flags_stay_disabled(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=algsimp,cse --xla_dump_to=/x")
-  assert (cpu_kernels.compiler_options()["xla_disable_hlo_passes"]
+  assert (xla_options.compiler_options()["xla_disable_hlo_passes"]
           == "algsimp,cse,cse_barrier_expander")
 
 
@@ -84,31 +85,10 @@ def test_optimization_barriers_reach_the_compiled_program_and_change_no_value():
   w = jax.random.normal(jax.random.key(0), (32, 64)) / 6.0
   x = jax.random.normal(jax.random.key(1), (16, 32))
   grad = jax.grad(loss)
-  kept = jax.jit(grad, compiler_options=cpu_kernels.compiler_options()).lower(w, x).compile()
+  kept = jax.jit(grad, compiler_options=xla_options.compiler_options()).lower(w, x).compile()
   assert "opt-barrier" in kept.as_text()
   assert "opt-barrier" not in jax.jit(grad).lower(w, x).compile().as_text()  # XLA's default
   np.testing.assert_allclose(kept(w, x), jax.jit(grad)(w, x), rtol=1e-5, atol=1e-6)
-
-
-def test_a_transposed_kernel_gradient_operand_is_written_out_before_its_transpose():
-  """`layers._contract_rows` on CPU: the operand it transposes (here tanh(a) [400, 16], the
-  narrower one) reaches the compiled program behind a barrier in its own [400, 16] shape,
-  so that its producer is not fused into the transposing copy (slow on XLA's CPU backend);
-  the gradient is autodiff's."""
-  from efficient_vit import layers
-
-  def loss(a, w, fn):
-    return jnp.sum(jnp.sin(fn(jnp.tanh(a), w)))
-
-  a = jax.random.normal(jax.random.key(0), (400, 16))
-  w = jax.random.normal(jax.random.key(1), (16, 32)) / 4.0
-  dense = lambda x, w: layers.dot_general(x, w, (((1,), (0,)), ((), ())))  # noqa: E731
-  grad = jax.grad(functools.partial(loss, fn=dense), argnums=1)
-  text = jax.jit(grad, compiler_options=cpu_kernels.compiler_options()).lower(
-      a, w).compile().as_text()
-  assert re.search(r"f32\[400,16\]\{1,0\} opt-barrier\(", text), "no barrier before it"
-  expected = jax.grad(functools.partial(loss, fn=jnp.matmul), argnums=1)(a, w)
-  np.testing.assert_allclose(jax.jit(grad)(a, w), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_convolutions_leave_ynnpack_and_dots_stay():
@@ -117,19 +97,19 @@ def test_convolutions_leave_ynnpack_and_dots_stay():
   # A lone convolution is YNNPACK's by default (one thread); with the options, Eigen's. (A
   # convolution fused into a YNNPACK reduction stays there, on all threads.)
   assert _ynn(_conv, None, x, w) == [["convolution"]], "YNNPACK no longer takes convolutions"
-  assert _ynn(_conv, cpu_kernels.CPU_OPTIONS, x, w) == []
+  assert _ynn(_conv, xla_options.CPU_OPTIONS, x, w) == []
   dot = lambda a, b: a @ b
   reduce = lambda a: jnp.sum(a * a, axis=-1)
   a = jnp.ones((64, 128))
   for fn, args in ((dot, (a, v)), (reduce, (a,))):
-    assert _ynn(fn, cpu_kernels.CPU_OPTIONS, *args) == _ynn(fn, None, *args) != []
+    assert _ynn(fn, xla_options.CPU_OPTIONS, *args) == _ynn(fn, None, *args) != []
 
 
 def test_values_and_gradients_equal_the_defaults():
   args = _args()
   grad = jax.value_and_grad(_loss, argnums=(0, 1, 2))
   default = jax.jit(grad)(*args)
-  eigen = jax.jit(grad, compiler_options=cpu_kernels.CPU_OPTIONS)(*args)
+  eigen = jax.jit(grad, compiler_options=xla_options.CPU_OPTIONS)(*args)
   for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(eigen)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 

@@ -1,4 +1,4 @@
-"""XLA CPU backend options for the project's steps: convolutions on Eigen, remat that saves memory.
+"""The trainer's XLA CPU compiler options: convolutions on Eigen, remat that saves memory.
 
 1. Convolutions on Eigen, not YNNPACK. XLA's CPU backend (jaxlib 0.10) hands four kinds of
 op to YNNPACK by default (its `xla_cpu_experimental_ynn_fusion_type`): fused dots, lone
@@ -11,27 +11,18 @@ op); its input and kernel gradients 38.7 and 78.1 ms there, 18.7 and 28.0 ms in 
 kinds less the lone convolution. A convolution that XLA fuses into a YNNPACK reduction
 stays there (those ran on all threads).
 
-2. Optimization barriers kept to the end. The CPU pipeline expands (drops) every
-`optimization_barrier` in an early pass, `cse_barrier_expander`. Two kinds of barrier in
-the project's steps are meant to hold:
- - `jax.checkpoint`'s (`model.remat`): without them common-subexpression elimination
-   merges the recomputation back into the forward pass, the backward pass reads the
-   forward's activations again and `model.remat` saves nothing without `scan` (ViT-S/16's
-   step at batch 32 kept 4.51 GB with `remat=block`; with the pass disabled, 0.88 GB:
-   benchmarks/PROFILE.md, "Remat without scan").
- - `layers._contract_rows`' around the operand it transposes for a kernel gradient: held,
-   the operand is written out once in its own layout and the transpose is a plain copy;
-   dropped, XLA fuses the operand's producers (a LayerNorm's or GELU's backward, the
-   drop-path scale) into the transposing copy, which then runs several times slower
-   (Swin-T at batch 16: 12-25 ms per such copy in its first two stages, 2.7 ms for a plain
-   [50176, 96] transpose). Train steps with both (this pass disabled in every step, the
-   barrier in front of the transpose) against neither: Swin-T 1.03x, MobileViT-XXS
-   1.00-1.15x (noisy), ViT-S/16 and CCT 0.98-1.02x (benchmarks/PROFILE.md, "Barriers
-   kept in every step").
-So every step compiled with these options keeps its barriers. Passes that `XLA_FLAGS`
+2. Remat's optimization barriers kept to the end. The CPU pipeline expands (drops) every
+`optimization_barrier` in an early pass, `cse_barrier_expander`; `jax.checkpoint`
+(`model.remat`) puts them around its recomputation, and without them common-subexpression
+elimination merges the recomputation back into the forward pass, so that `model.remat`
+saves nothing without `scan` (ViT-S/16's step at batch 32 kept 4.51 GB with `remat=block`;
+with the pass disabled, 0.88 GB: benchmarks/PROFILE.md, "Remat without scan"). GPU and TPU
+keep the barriers by default. The models themselves hold no barrier.
+So every step compiled with these options keeps remat's barriers. Passes that `XLA_FLAGS`
 already disables stay disabled (`--xla_disable_hlo_passes` merged).
 
-`compiler_options` is what the project's jitted steps pass to `jax.jit` on CPU. Other
+These are the trainer's compiler options, the one place where backend-specific settings
+live (the models and `launch.py` hold none). `compiler_options` is what the project's jitted steps pass to `jax.jit` on CPU. Other
 backends get no options (both are the CPU backend's; GPU and TPU keep their barriers), and
 neither does `jax.pmap`, which takes none: under `parallelism=pmap` on CPU convolutions
 stay YNNPACK's and `remat` without `scan` saves no memory.
@@ -53,8 +44,8 @@ import jax.numpy as jnp
 # YNNPACK's default op kinds in jaxlib 0.10 without LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION.
 YNN_FUSION_TYPES = ("LIBRARY_FUSION_TYPE_DOT", "LIBRARY_FUSION_TYPE_REDUCE",
                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
-# The CPU pipeline's early pass that drops optimization barriers: disabled, so that they
-# hold (`jax.checkpoint`'s, `layers._contract_rows`').
+# The CPU pipeline's early pass that drops optimization barriers: disabled, so that
+# `jax.checkpoint`'s hold.
 BARRIER_PASS = "cse_barrier_expander"
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ",".join(YNN_FUSION_TYPES)}
 
