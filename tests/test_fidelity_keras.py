@@ -194,16 +194,24 @@ def _swin_case():
   return fixture, family, model, image_size, _saved(fixture)
 
 
-@pytest.mark.parametrize("key", [
-    "layers/swin_transformer/attn/vars/0",  # the unnamed relative-position bias table
-    "layers/swin_transformer_1/vars/0",  # the unnamed shift mask
-    "layers/dense/vars/1",  # the head's bias
+@pytest.mark.parametrize("name,key", [
+    ("swin", "layers/swin_transformer/attn/vars/0"),  # the unnamed relative-position table
+    ("swin", "layers/swin_transformer_1/vars/0"),  # the unnamed shift mask
+    ("swin", "layers/dense/vars/1"),  # the head's bias
+    ("perceiver", "vars/0"),  # the unnamed latent array
+    ("cct", "layers/position_embedding/vars/0"),  # the position table
+    ("mobilevit_correct_pad", "layers/batch_normalization_7/vars/3"),  # a moving variance
 ])
-def test_import_names_a_missing_variable(key):
-  _, family, model, image_size, weights = _swin_case()
+def test_import_names_a_missing_variable(name, key):
+  fixture = _fixture(name)
+  family, model, image_size = _build(name)
+  weights = _saved(fixture)
+  assert key in weights
   del weights[key]
-  with pytest.raises(ValueError, match=re.escape(repr(key)) + ".*missing"):
-    import_keras.convert(family, model, weights, image_size)
+  # Named as the variable, or as its layer when that held nothing else.
+  layer = key.rsplit("/vars/", 1)[0]
+  with pytest.raises(ValueError, match=f"'({re.escape(key)}|{re.escape(layer)})'.*missing"):
+    import_keras.convert(family, model, weights, image_size, extra=_extra(fixture))
 
 
 def test_import_names_a_missing_layer_and_an_ambiguous_order():
