@@ -179,7 +179,7 @@ class _Saved:
         raise ValueError(f"saved variable {key!r} is not a path Keras writes "
                          "(.../vars/<n>): not a Keras 3 .weights.h5 layout")
       node = self.root
-      for part in (match.group(1) or "").split("/") if match.group(1) else []:
+      for part in match.group(1).split("/") if match.group(1) else []:
         node = node.children.setdefault(part, _Node(node.at(part)))
       node.vars[int(match.group(2))] = np.asarray(value)
       self.all[key] = np.shape(value)
@@ -645,6 +645,10 @@ def _perceiver(c: _Converter, model: nn.Module, extra: Mapping[str, Any]) -> Non
 # before the model, which is the input pipeline's business.
 _INPUT_SCALES = {"cct": 1.0 / 255, "mobilevit": 1.0 / 255}
 
+# The tensors each family's import takes from `extra` (the rest of the example's weights
+# come from the saved file).
+_EXTRA = {"perceiver": ("normalization_mean", "normalization_variance")}
+
 _CONVERTERS = {"vit": _vit, "eanet": _eanet, "cct": _cct, "swin": _swin,
                "mobilevit": _mobilevit, "perceiver": _perceiver}
 
@@ -676,6 +680,11 @@ def convert(family: str, model: nn.Module, weights: Mapping[str, Any] | str | os
     if getattr(model, field) != value:
       raise ValueError(f"model.{field}={getattr(model, field)!r}; the Keras example's model "
                        f"computes {field}={value!r} (configs/{family}.py, preset keras)")
+  allowed = _EXTRA.get(family, ())
+  for key in extra or {}:
+    if key not in allowed:
+      raise ValueError(f"extra[{key!r}] is not used by the {family} import; allowed: "
+                       f"{', '.join(allowed) or 'none (every weight is in the saved file)'}")
   if isinstance(weights, (str, os.PathLike)):
     weights = read_weights(weights)
   scanned, model = scan_layout.is_scanned(model), scan_layout.unscanned(model)

@@ -275,6 +275,20 @@ def test_import_refuses_other_files_and_layouts(tmp_path):
     import_keras.convert(family, model, {"dense_10/kernel": np.zeros((3, 3))}, image_size)
 
 
+def test_import_refuses_extra_tensors_it_does_not_use():
+  """CCT's position table was once passed as extra; the Keras 3 example saves it."""
+  family, model, image_size = _build("cct")
+  with pytest.raises(ValueError, match=re.escape("extra['position_embedding'] is not used by "
+                                                 "the cct import; allowed: none")):
+    import_keras.convert(family, model, _saved(_fixture("cct")), image_size,
+                         extra={"position_embedding": np.zeros((16, 128))})
+  family, model, image_size = _build("perceiver")
+  with pytest.raises(ValueError, match=re.escape("extra['latents'] is not used by the "
+                                                 "perceiver import; allowed: normalization_mean")):
+    import_keras.convert(family, model, _saved(_fixture("perceiver")), image_size,
+                         extra={"latents": np.zeros(3)})
+
+
 def test_import_refuses_a_model_of_another_form():
   _, family, model, image_size, weights = _swin_case()
   with pytest.raises(ValueError, match="model.mlp_activation='gelu_tanh'.*'gelu'"):
