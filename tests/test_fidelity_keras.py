@@ -175,6 +175,24 @@ def test_keras_file_converts_like_the_weights_file():
   np.testing.assert_allclose(logits, fixture["logits"], atol=1e-4, rtol=1e-4)
 
 
+def test_fixtures_come_from_the_published_code():
+  """What each fixture's build changed in the example's code, as the script recorded it."""
+  expected = {
+      "eanet_self": ["call get_model(**{'attention_type': 'self_attention'})"],
+      "perceiver": ["repair: the published build()", "repair: keras.ops.image.extract_patches"],
+      "mobilevit_correct_pad": ["repair: variant, not the published code"],
+  }
+  for name in CASES:
+    meta = _meta(_fixture(name))
+    notes = meta["notes"]
+    assert len(notes) == len(expected.get(name, [])), (name, notes)
+    for note, start in zip(notes, expected.get(name, [])):
+      assert note.startswith(start), (name, note)
+    assert meta["example"].startswith("keras-io examples/vision/"), name
+    assert meta["keras"].startswith("3."), name
+    assert len(meta["saved"]) == len(meta["model_weights"]), name  # every variable saved
+
+
 def test_fixtures_record_the_names_keras_gives_unnamed_variables():
   """The examples leave these variables unnamed; Keras saves them by position in their
   layer (`vars/<rank>`), and their `Variable.path` is a numbered `variable`."""
