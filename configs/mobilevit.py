@@ -12,8 +12,10 @@ tests/test_fidelity_keras.py::test_logits_match_keras_example[mobilevit_correct_
 Keras 3 port (last modified 2023/11/23) pads the strided MV2 blocks' depthwise conv with
 `ZeroPadding2D()`, one pixel on every side, while its stem keeps "same" (none before, one
 after): no `conv_padding` value gives both, so weights saved by that code do not give its
-logits here ([mobilevit] is an expected failure until the model has such a field). Weights trained with the example load through efficient_vit/import_keras.py; its
-model takes pixels in [0, 255] and divides by 255 itself (`KerasImport.preprocess`).
+logits here ([mobilevit] is an expected failure until the model has such a field).
+Weights trained with the example load through efficient_vit/import_keras.py (which warns
+of this); its model takes pixels in [0, 255] and divides by 255 itself
+(`KerasImport.preprocess`).
 Differences in training only: the shared pipeline normalises pixels with ImageNet's mean
 and std (the example divides by 255; the config contract has no field to change that yet),
 and optax's Adam epsilon is 1e-8 (Keras 1e-7; no contract field either).
