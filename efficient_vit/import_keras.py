@@ -182,7 +182,9 @@ class _Saved:
       match = _VAR.match(key)
       if not match:
         raise ValueError(f"saved variable {key!r} is not a path Keras writes "
-                         "(.../vars/<n>): not a Keras 3 .weights.h5 layout")
+                         "(.../vars/<n>): not a Keras 3 .weights.h5 layout (Variable.path "
+                         "names are not saved; pass the file model.save_weights or "
+                         "model.save wrote)")
       node = self.root
       for part in match.group(1).split("/") if match.group(1) else []:
         node = node.children.setdefault(part, _Node(node.at(part)))
