@@ -14,11 +14,11 @@ trainable weights (see the EANet docstring for the term-by-term count).
     uv run launch.py --config configs/eanet.py --workdir runs/eanet_self \
         --config.model.attention=self        # the example's comparison, one flag
 
-Both models compute what the example's compute (exact GELU, LayerNorm eps 1e-5, the
-double-normalised external attention with its biases): checked by
+Both models compute what the example's compute (the tanh GELU of `keras.ops.gelu`,
+LayerNorm eps 1e-5, the double-normalised external attention with its biases): checked by
 tests/test_fidelity_keras.py::test_logits_match_keras_example[eanet] and [eanet_self], which
-rebuild the example's models in Keras 3 (tests/make_reference_fixtures_keras.py, sizes
-reduced) and load their weights through efficient_vit/import_keras.py.
+run the example's own code (tests/make_reference_fixtures_keras.py, sizes reduced), save
+its weights as Keras does and load them through efficient_vit/import_keras.py.
 
 Differences from the example, all outside the model (training only):
   - tfa's AdamW subtracts weight_decay * w per step, not scaled by the learning rate;
@@ -81,8 +81,9 @@ def get_config(preset: str = "keras"):
                  mlp_dim=64, attention="external", head_dim=64, dropout_rate=0.2,
                  attention_dropout_rate=0.2,
                  # keras-io examples/vision/eanet.py: LayerNormalization(epsilon=1e-5) and
-                 # `mlp`'s Dense(activation=tf.nn.gelu), the exact (erf) GELU.
-                 norm_epsilon=1e-5, mlp_activation="gelu")
+                 # `mlp`'s Dense(activation=ops.gelu): keras.ops.gelu defaults to
+                 # approximate=True, the tanh form (the TF 2 example's tf.nn.gelu was exact).
+                 norm_epsilon=1e-5, mlp_activation="gelu_tanh")
   # S per head; unset: embed_dim // dim_coefficient = 16, as in the example.
   c.model.memory_units = config_dict.placeholder(int)
   if preset == "keras_self":

@@ -16,7 +16,7 @@ The model computes what the example's computes: its cross-attend adds the attent
 (`cross_attend_form='normalized_stream'`), its attention has no output Dense and one learned
 scale (`Attention(use_scale=True)`), and its GELU is the exact one; checked by
 tests/test_fidelity_keras.py::test_logits_match_keras_example[perceiver] (the example's
-model rebuilt in Keras 3, sizes reduced, its weights loaded through
+own code run, sizes reduced, the weights it saves loaded through
 efficient_vit/import_keras.py, same logits). Note that `Attention([query, key, value])`
 takes [query, value, key]: the example's "key" Dense makes the values (the import maps it so).
 Differences in training only: dropout also acts on the attention outputs and after the

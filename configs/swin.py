@@ -16,10 +16,11 @@ with the buffers, 151,386 trainable, which is what this model has with 10 classe
 
 The model computes what the example's computes (exact GELU, q/k/v biases, LayerNorm eps
 1e-5, its window attention and patch merging): checked by
-tests/test_fidelity_keras.py::test_logits_match_keras_example[swin], which rebuilds the
-example's model in Keras 3 (tests/make_reference_fixtures_keras.py, sizes reduced) and
-loads its weights through efficient_vit/import_keras.py (the example's fused qkv Dense is
-split into q, k, v; its stored index and mask buffers are checked against this model's).
+tests/test_fidelity_keras.py::test_logits_match_keras_example[swin], which runs the
+example's own code (tests/make_reference_fixtures_keras.py, sizes reduced), saves its
+weights as Keras does and loads them through efficient_vit/import_keras.py (the example's
+fused qkv Dense is split into q, k, v; its saved index and mask, unnamed variables, are
+checked against this model's).
 
 Deviations from the example, none of which changes the parameter count or, at this
 preset's sizes, the eval output:
