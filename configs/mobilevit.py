@@ -6,16 +6,13 @@ image classification" (tf_flowers at 256, train[:90%] / train[90%:], resize to 2
 label smoothing 0.1, batch 64, 30 epochs). The example reports 1,307,621 parameters (of
 which 2,544 are batch-norm statistics) and 86.1% validation accuracy; here the model has
 1,305,077 trainable parameters + 2,544 `batch_stats` = 1,307,621 for 5 classes.
-The model computes what the TF 2 example computed (attention over all positions of the map:
-`patch_size=1`; TensorFlow "same" padding: `conv_padding='same'`): checked by
-tests/test_fidelity_keras.py::test_logits_match_keras_example[mobilevit_correct_pad]. The
-Keras 3 port (last modified 2023/11/23) pads the strided MV2 blocks' depthwise conv with
-`ZeroPadding2D()`, one pixel on every side, while its stem keeps "same" (none before, one
-after): no `conv_padding` value gives both, so weights saved by that code do not give its
-logits here ([mobilevit] is an expected failure until the model has such a field).
-Weights trained with the example load through efficient_vit/import_keras.py (which warns
-of this); its model takes pixels in [0, 255] and divides by 255 itself
-(`KerasImport.preprocess`).
+The model computes what the example computes (attention over all positions of the map:
+`patch_size=1`; TensorFlow "same" padding for the stem and the 3x3 convolutions:
+`conv_padding='same'`; the Keras 3 port's `ZeroPadding2D()`, one pixel on every side,
+before its strided depthwise convolutions: `depthwise_padding='symmetric'`): checked by
+tests/test_fidelity_keras.py::test_logits_match_keras_example[mobilevit]. Weights trained
+with the example load through efficient_vit/import_keras.py; its model takes pixels in
+[0, 255] and divides by 255 itself (`KerasImport.preprocess`).
 Differences in training only: the shared pipeline normalises pixels with ImageNet's mean
 and std (the example divides by 255; the config contract has no field to change that yet),
 and optax's Adam epsilon is 1e-8 (Keras 1e-7; no contract field either).
@@ -115,9 +112,12 @@ def get_config(preset: str = "keras"):
                    # to [4, hw / 4, d] and its MultiHeadAttention attends over both axes, i.e.
                    # over all hw positions: one "patch" of 1 pixel here.
                    patch_size=1,
-                   # conv_block's Conv2D(padding="same") and the strided DepthwiseConv2D after
-                   # ZeroPadding2D(correct_pad(...)): TensorFlow's "same" padding.
+                   # conv_block's Conv2D(padding="same"): TensorFlow's "same" padding.
                    conv_padding="same",
+                   # inverted_residual_block: `if strides == 2: m = layers.ZeroPadding2D()(m)`
+                   # before DepthwiseConv2D(3, strides, padding="same" if strides == 1 else
+                   # "valid"): one pixel on every side (k // 2) at either stride.
+                   depthwise_padding="symmetric",
                    # mlp's Dense(activation=tf.nn.swish).
                    mlp_activation="silu")
     c.optimizer.update(name="adamw", learning_rate=2e-3, weight_decay=0.0, schedule="constant",

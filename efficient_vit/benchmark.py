@@ -356,6 +356,8 @@ def benchmark_config(config, *, config_name: str = "", steps: int = 10, warmup_s
       "eval_img_per_s": eval_img_s,
       "compile_train_s": compile_train_s,
       "compile_eval_s": compile_eval_s,
+      # What each attention call runs, with a kernel asked for (train.attention_summary).
+      "attention": train.attention_summary(experiment.attention) or None,
       "peak_memory_bytes": peak_memory,
       "peak_memory_note": memory_note,
       "train_step_memory_bytes": cost.step_memory_bytes(timer.train),

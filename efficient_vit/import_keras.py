@@ -40,10 +40,6 @@ MobileViT) hold no weights and come back as `KerasImport.input_scale`.
 its model patches cut in tf.data from images already divided by 255: the project's model
 takes those images.
 
-MobileViT: the Keras 3 port pads differently from the TF 2 example that the project's model
-follows (`MOBILEVIT_PADDING_WARNING`, issued by every MobileViT import): its weights load, its
-logits are not reproduced.
-
 The Perceiver's Normalization sits in the module-level `data_augmentation`, which its
 subclassed model calls but does not track, so Keras does not save it: pass
 `extra={'normalization_mean': ..., 'normalization_variance': ...}` (from
@@ -56,7 +52,6 @@ import dataclasses
 import io
 import os
 import re
-import warnings
 import zipfile
 from typing import Any, Mapping
 
@@ -84,7 +79,8 @@ KERAS_FIELDS: dict[str, dict[str, Any]] = {
     "swin": dict(mlp_activation="gelu", qkv_bias=True, norm_epsilon=1e-5, patch_norm=False,
                  absolute_position_embedding=True, merge_after_last_stage=True,
                  merge_norm=False, final_norm=False),
-    "mobilevit": dict(variant="keras", patch_size=1, conv_padding="same", mlp_activation="silu"),
+    "mobilevit": dict(variant="keras", patch_size=1, conv_padding="same",
+                      depthwise_padding="symmetric", mlp_activation="silu"),
     "perceiver": dict(position_encoding="learned", share_weights="all", final_norm=False,
                       cross_attention_heads=1, cross_attend_form="normalized_stream",
                       cross_attention_output_projection=False, cross_attention_scale="learned",
@@ -544,18 +540,8 @@ def _swin(c: _Converter, model: nn.Module, extra: Mapping[str, Any]) -> None:
   c.dense(dense.take("head"), "head")
 
 
-# The one known computation the project's model does not share with a Keras example.
-MOBILEVIT_PADDING_WARNING = (
-    "mobilevit: the Keras 3 mobilevit.py (last modified 2023/11/23) pads its strided MV2 "
-    "blocks with ZeroPadding2D() (one pixel on every side) and its stem with 'same' (one "
-    "after); the project's model pads both the same way (conv_padding), as the TF 2 "
-    "example did: weights saved by the Keras 3 code load, but the model's logits differ "
-    "from the example's (tests/test_fidelity_keras.py)")
-
-
 def _mobilevit(c: _Converter, model: nn.Module, extra: Mapping[str, Any]) -> None:
   del extra
-  warnings.warn(MOBILEVIT_PADDING_WARNING, stacklevel=3)
   root = c.saved.root
   conv2d = c.queue(root, "conv2d")
   depthwise = c.queue(root, "depthwise_conv2d")

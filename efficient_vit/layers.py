@@ -17,9 +17,11 @@ same words in every family's config): `scan` (`Encoder`, `scan_blocks`), `remat`
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -118,13 +120,15 @@ def drop_path_rates(max_rate: float, depth: int) -> list[float]:
 
 
 # `model.attention_impl`: how `MultiHeadAttention` computes softmax(q k^T / sqrt(d) + bias) v.
-#   xla    jax.nn.dot_product_attention(implementation="xla"): the einsum/softmax program,
-#          every backend, every dtype. The default: it is what jax itself picks when told
-#          nothing, and what the fidelity tests compare with the reference code.
-#   cudnn  cuDNN's fused flash-attention kernel (NVIDIA GPUs; float16/bfloat16, head_dim a
-#          multiple of 8 up to 128); a ValueError at build time anywhere else.
-#   auto   cudnn where the backend is a GPU and the dtype and head_dim allow it, else xla
-#          (so on CPU, or in float32, exactly `xla`).
+#   xla    `dot_product_attention` below: einsum, softmax, einsum; every backend, every
+#          dtype. The default, and what the fidelity tests compare with the reference code.
+#   cudnn  cuDNN's fused flash-attention kernel through `jax.nn.dot_product_attention`
+#          (`fused_attention`: NVIDIA GPUs; float16/bfloat16, head_dim a multiple of 8 up to
+#          128, or 256 on Hopper); a ValueError at build time anywhere else.
+#   auto   per attention call: cudnn where the backend is a GPU and that call's dtype and
+#          head_dim allow it, else xla (so on CPU, or in float32, exactly `xla`).
+# Whatever it says, attention dropout in training and the extraction of attention maps take
+# the xla path (the fused kernel neither drops out nor returns its weights).
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 
 
@@ -199,6 +203,23 @@ def scan_blocks(fn: Callable[..., jax.Array], block: nn.Module, x: jax.Array,
   return x
 
 
+# Where `recorded_attention` collects what each attention call traced inside it runs.
+_RECORDED_ATTENTION: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "recorded_attention", default=None)
+
+
+@contextlib.contextmanager
+def recorded_attention() -> Iterator[list[dict]]:
+  """Collects, for each `MultiHeadAttention` call traced inside, its module path, the
+  implementation it runs, its query and key token counts and its head width: what
+  `train.build` reports at start-up."""
+  token = _RECORDED_ATTENTION.set([])
+  try:
+    yield _RECORDED_ATTENTION.get()
+  finally:
+    _RECORDED_ATTENTION.reset(token)
+
+
 def sow_attention(module: nn.Module, weights: jax.Array) -> None:
   """Stores attention weights [batch, heads, queries, keys] when intermediates are asked for."""
   module.sow("intermediates", "attention_weights", weights)
@@ -229,6 +250,45 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return jnp.einsum("bhnm,bmhd->bnhd", weights, v)
 
 
+def _pad_tokens(x: jax.Array, axes: dict[int, int], value: Any = 0) -> jax.Array:
+  """x padded at the end of each axis a (of full size, not broadcast) by axes[a]."""
+  widths = [(0, 0)] * x.ndim
+  for axis, (size, extra) in axes.items():
+    if x.shape[axis] == size:
+      widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                    bias: jax.Array | None = None, mask: jax.Array | None = None,
+                    implementation: str = "cudnn", multiple: int = 2) -> jax.Array:
+  """`jax.nn.dot_product_attention` with `implementation`, for any token counts.
+
+  q [batch, n, heads, d], k and v [batch, m, heads, d] -> [batch, n, heads, d]; `bias` and
+  `mask` broadcast to [batch, heads, n, m]. cuDNN's fused kernel takes training calls
+  with a bias only at even token counts, and jax 0.10 passes every call a bias: the tokens
+  are padded to a multiple of `multiple` (queries and keys; biases and masks with them),
+  the padded keys are masked out by the kernel's own padding mask
+  (`key_value_seq_lengths`), and the padded query rows are dropped from the output.
+  """
+  n, m = q.shape[1], k.shape[1]
+  pad_n, pad_m = -n % multiple, -m % multiple
+  if not pad_n and not pad_m:
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                        implementation=implementation)
+  q = _pad_tokens(q, {1: (n, pad_n)})
+  k, v = (_pad_tokens(x, {1: (m, pad_m)}) for x in (k, v))
+  if bias is not None:
+    bias = _pad_tokens(bias, {-2: (n, pad_n), -1: (m, pad_m)})
+  if mask is not None:  # Padded keys are masked by their length; padded rows are dropped.
+    mask = _pad_tokens(mask, {-2: (n, pad_n), -1: (m, pad_m)}, value=True)
+  lengths = jnp.full((q.shape[0],), m, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                     key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return jax.lax.slice_in_dim(out, 0, n, axis=1)
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head dot-product attention.
 
@@ -240,8 +300,8 @@ class MultiHeadAttention(nn.Module):
   [heads, head_dim]) and `out` (kernel [heads, head_dim, out_dim]).
 
   `attention_impl` (`ATTENTION_IMPLS`): `xla` is `dot_product_attention` above; `cudnn`
-  calls `jax.nn.dot_product_attention` for the fused kernel. The plain path is taken
-  whatever `attention_impl` says when attention dropout is active or the weights are being
+  is the fused kernel (`fused_attention`). The plain path is taken whatever
+  `attention_impl` says when attention dropout is active or the weights are being
   extracted (the `intermediates` collection is mutable: they are sown).
   `bias` broadcasts to [batch, heads, n, m]; `mask` (True = attend) likewise.
   `qkv_bias` puts biases on the query, key and value projections (timm's `qkv_bias`;
@@ -291,6 +351,10 @@ class MultiHeadAttention(nn.Module):
     sowing = self.is_mutable_collection("intermediates")
     implementation = "xla" if dropping or sowing else attention_implementation(
         self.attention_impl, self.dtype, head_dim)
+    recorded = _RECORDED_ATTENTION.get()
+    if recorded is not None:
+      recorded.append({"module": "/".join(self.scope.path), "implementation": implementation,
+                       "queries": q.shape[1], "keys": k.shape[1], "head_dim": head_dim})
     if implementation == "xla":
       dropout = nn.Dropout(self.attention_dropout_rate, deterministic=False)
       out = dot_product_attention(q, k, v, bias=bias, mask=mask,
@@ -298,9 +362,8 @@ class MultiHeadAttention(nn.Module):
                                   sow=functools.partial(sow_attention, self) if sowing
                                   else None)
     else:
-      out = jax.nn.dot_product_attention(
-          q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
-          implementation=implementation)
+      out = fused_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
+                            mask=mask, implementation=implementation)
     if not self.output_projection:
       if self.out_dim not in (None, self.num_heads * head_dim):
         raise ValueError(f"out_dim={self.out_dim} needs an output projection: without one the "

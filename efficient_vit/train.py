@@ -20,6 +20,7 @@ sharded over the devices. Several processes (hosts) run the same code: see READM
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -46,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from efficient_vit import (augment, cost, device_input, init_from, input_pipeline,
+from efficient_vit import (augment, cost, device_input, init_from, input_pipeline, layers,
                            metric_logging, optim, xla_options)
 from efficient_vit.models import build_model
 
@@ -468,6 +469,14 @@ class Experiment:
   parallel: DataParallel
   init_rng: jax.Array  # Key of the parameter initialisation.
   rng: jax.Array  # Raw key data of the base dropout key, passed to every train step.
+  # With an attention kernel (model.attention_impl), what each attention call of the train
+  # step runs (`layers.recorded_attention`); empty with `xla`.
+  attention: list = dataclasses.field(default_factory=list)
+  # The steps as written, before a runner wraps them: train_fn(state, batch, rng, *,
+  # axis_name) and eval_fn(variables, batch, *, axis_name) (what tests export for other
+  # platforms, with axis_name=None: one program for the global batch).
+  train_fn: Callable | None = None
+  eval_fn: Callable | None = None
 
   @property
   def image_shape(self) -> tuple[int, int, int, int]:
@@ -527,16 +536,52 @@ def build(config: ml_collections.ConfigDict,
   create = functools.partial(create_train_state, model, tx,
                              (1, config.image_size, config.image_size, 3),
                              ema=bool(config.optimizer.ema_decay))
-  parallel = data_parallel(config.parallelism, step,
-                           functools.partial(eval_step, model=model,
-                                             normalisation=normalisation),
+  evaluate = functools.partial(eval_step, model=model, normalisation=normalisation)
+  parallel = data_parallel(config.parallelism, step, evaluate,
                            abstract_state=lambda: jax.eval_shape(create, init_rng))
   experiment = Experiment(config=config, info=info, model=model, tx=tx, schedule=schedule,
                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                           parallel=parallel, init_rng=init_rng,
-                          rng=jax.random.key_data(dropout_rng))
-  experiment.abstract_state()  # Raises the model's own errors for sizes it cannot take.
+                          rng=jax.random.key_data(dropout_rng), train_fn=step,
+                          eval_fn=evaluate)
+  if config.model.get("attention_impl", "xla") != "xla":
+    experiment.attention = _trace_attention(experiment, step)
+  else:
+    experiment.abstract_state()  # Raises the model's own errors for sizes it cannot take.
   return experiment
+
+
+def _trace_attention(experiment: Experiment, step: Callable) -> list[dict]:
+  """Traces the model's initialisation and the train step (shapes only: nothing is lowered
+  or compiled) so that an attention kernel that cannot take a shape fails here, before
+  anything is written, as a ValueError naming `model.attention_impl`; returns each attention
+  call's implementation in the train step (`layers.recorded_attention`)."""
+  batch = experiment.config.batch_size // jax.device_count()
+  images = jax.ShapeDtypeStruct((batch,) + experiment.image_shape[1:], jnp.uint8)
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  impl = experiment.config.model.attention_impl
+  with layers.recorded_attention() as calls:
+    try:
+      state = experiment.abstract_state()  # The model's own errors, as without a kernel.
+      del calls[:]  # The train step's calls, not the initialisation's.
+      jax.eval_shape(functools.partial(step, axis_name=None), state,
+                     {"image": images, "label": labels}, experiment.rng)
+    except (NotImplementedError, ValueError) as e:
+      shapes = "; ".join(f"{c['module']}: {c['queries']} x {c['keys']} tokens, head_dim "
+                         f"{c['head_dim']}" for c in calls[-1:])
+      raise ValueError(f"model.attention_impl={impl!r} cannot take the attention at "
+                       f"{shapes or 'the first call'} in {experiment.config.dtype}: "
+                       f"{str(e).splitlines()[0]}; allowed: xla, or auto (the fused "
+                       "kernel only where a call can use it)") from e
+  return calls
+
+
+def attention_summary(calls: list[dict]) -> str:
+  """One line per (implementation, tokens, head width) of `Experiment.attention`."""
+  counts = collections.Counter((c["implementation"], c["queries"], c["keys"], c["head_dim"])
+                               for c in calls)
+  return "; ".join(f"{impl} for {n} call(s) of {q} x {k} tokens, head_dim {d}"
+                   for (impl, q, k, d), n in counts.items())
 
 
 def _shaping_fields(config_json: dict) -> dict:
@@ -684,6 +729,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parameters when optimizer.ema_decay > 0).
   """
   experiment = build(config)  # Every validation happens here, before anything is written.
+  if experiment.attention and jax.process_index() == 0:
+    print(f"attention: {attention_summary(experiment.attention)}", flush=True)
   parallel, total_steps = experiment.parallel, experiment.total_steps
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0
                 else experiment.steps_per_epoch)

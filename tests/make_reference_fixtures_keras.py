@@ -15,9 +15,6 @@ a keras-io checkout at build time and executed as it is, with only
   - the published code repaired where it does not run with Keras 3.15 (`REPAIRS`: the
     Perceiver's missing `self.patcher` and the renamed `extract_patches(images=...)`),
     each printed and recorded in the fixture when used.
-`VARIANTS` adds one diagnostic fixture that is NOT the published code
-(`mobilevit_correct_pad`: the TF 2 example's padding of the strided MV2 blocks, which the
-project's model computes while the Keras 3 port's differs; see configs/mobilevit.py).
 
 The model is then built by calling it on a batch, every variable gets a new value, and it
 is saved the way a user of the example saves it (Keras 3 docs): `model.save_weights(
@@ -122,9 +119,6 @@ CASES = {
                   # Every width is written out in create_mobilevit: only the image shrinks.
                   dict(image_size=64),
                   "mobilevit_xxs", {}),
-    # Not the published code: the Keras 3 port's one difference from the TF 2 example that
-    # the project's model cannot express (see VARIANTS), undone, to check the rest.
-    "mobilevit_correct_pad": ("mobilevit", dict(image_size=64), "mobilevit_xxs", {}),
     "perceiver": ("perceiver_image_classification",
                   dict(num_classes=10, input_shape=(16, 16, 3), image_size=16, patch_size=2,
                        latent_dim=16, projection_dim=32, num_heads=4,
@@ -158,26 +152,10 @@ REPAIRS = [
 ]
 
 
-# Deliberate departures from the published code, for a diagnostic fixture only:
-# case -> [(text, replacement, why)].
-VARIANTS = {
-    "mobilevit_correct_pad": [
-        ("        m = layers.ZeroPadding2D()(m)\n",
-         "        m = layers.ZeroPadding2D(padding=((0, 1), (0, 1)))(m)\n",
-         "variant, not the published code: the strided MV2 block pads as the TF 2 example's "
-         "ZeroPadding2D(imagenet_utils.correct_pad(m, 3)) does on even maps (none before, "
-         "one after) instead of the Keras 3 port's ZeroPadding2D() (one on every side)"),
-    ],
-}
-
-
-def repair(code: str, stem: str, case: str = "") -> tuple[str, list[str]]:
+def repair(code: str, stem: str) -> tuple[str, list[str]]:
   notes = []
-  changes = [r for r in REPAIRS if r[0] == stem] + [(stem,) + v for v in VARIANTS.get(case, [])]
-  for _, old, new, why in changes:
+  for _, old, new, why in (r for r in REPAIRS if r[0] == stem):
     if old not in code or new in code:
-      if case in VARIANTS and any(old == v[0] for v in VARIANTS[case]):
-        raise ValueError(f"{case}: variant text not found: {old!r}")
       continue
     if code.count(old) != 1:
       raise ValueError(f"{stem}: repair text occurs {code.count(old)} times: {old!r}")
@@ -211,7 +189,7 @@ def _names(node: ast.AST) -> set[str]:
 def prepare(code: str, stem: str, overrides: dict, calls: dict,
             case: str = "") -> tuple[ast.Module, list]:
   """The example's module with overrides applied and the skipped statements left out."""
-  code, notes = repair(code, stem, case)
+  code, notes = repair(code, stem)
   tree = ast.parse(code)
   body, assigned = [], set()
   for stmt in tree.body:

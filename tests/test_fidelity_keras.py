@@ -51,9 +51,6 @@ CASES = {
     "swin": ("swin", "keras", dict(
         image_size=32, num_classes=10, embed_dim=16, num_heads=(2,), mlp_ratio=2.0)),
     "mobilevit": ("mobilevit", "keras", dict(image_size=64, num_classes=5)),
-    # The example with its strided MV2 padding as the TF 2 version had it (the fixture
-    # script's VARIANTS): everything else of the Keras 3 code, batch-norm statistics too.
-    "mobilevit_correct_pad": ("mobilevit", "keras", dict(image_size=64, num_classes=5)),
     "perceiver": ("perceiver", "keras", dict(
         image_size=16, num_classes=10, input_embedding_dim=32, num_latents=16, latent_dim=32,
         latent_heads=4, latent_head_dim=32, latent_depth=2, mlp_dim=32,
@@ -128,26 +125,13 @@ def test_keras_presets_have_the_examples_fields(name):
     assert getattr(model, field) == value, (name, field)
 
 
-# The Keras 3 mobilevit.py pads its strided depthwise convs with ZeroPadding2D() (one pixel
-# on every side) but its stride-2 stem with "same" (none before, one after); the model's one
-# `conv_padding` field gives either everywhere, not both (see configs/mobilevit.py).
-_MISMATCH = pytest.mark.xfail(strict=True, reason=(
-    "model cannot express the Keras 3 MobileViT padding: symmetric ZeroPadding2D() before "
-    "strided depthwise convs with a 'same' stem"))
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_MISMATCH) if n == "mobilevit" else n
-                                  for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_logits_match_keras_example(name, tmp_path):
   fixture = _fixture(name)
   family, model, image_size = _build(name)
   # The user's path: the file Keras saved, here rebuilt from the fixture's record.
   path = _write_h5(tmp_path / f"{name}.weights.h5", _saved(fixture))
-  if family == "mobilevit":
-    with pytest.warns(UserWarning, match="ZeroPadding2D"):
-      imported = import_keras.convert(family, model, path, image_size, extra=_extra(fixture))
-  else:
-    imported = import_keras.convert(family, model, path, image_size, extra=_extra(fixture))
+  imported = import_keras.convert(family, model, path, image_size, extra=_extra(fixture))
   images = imported.preprocess(fixture["images"])
   logits = np.asarray(jax.jit(model.apply)(imported.variables, images))
   reference = fixture["logits"]
@@ -184,7 +168,6 @@ def test_fixtures_come_from_the_published_code():
   expected = {
       "eanet_self": ["call get_model(**{'attention_type': 'self_attention'})"],
       "perceiver": ["repair: the published build()", "repair: keras.ops.image.extract_patches"],
-      "mobilevit_correct_pad": ["repair: variant, not the published code"],
   }
   for name in CASES:
     meta = _meta(_fixture(name))
@@ -222,9 +205,8 @@ def _swin_case():
     ("swin", "layers/dense/vars/1"),  # the head's bias
     ("perceiver", "vars/0"),  # the unnamed latent array
     ("cct", "layers/position_embedding/vars/0"),  # the position table
-    ("mobilevit_correct_pad", "layers/batch_normalization_7/vars/3"),  # a moving variance
+    ("mobilevit", "layers/batch_normalization_7/vars/3"),  # a moving variance
 ])
-@pytest.mark.filterwarnings("ignore:mobilevit")
 def test_import_names_a_missing_variable(name, key):
   fixture = _fixture(name)
   family, model, image_size = _build(name)

@@ -162,6 +162,7 @@ class InvertedResidual(nn.Module):
   expansion: int
   strides: int = 1
   conv: layers.ModuleDef = ConvBlock
+  depthwise_padding: str | None = None  # None: the padding `conv` has
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -170,7 +171,8 @@ class InvertedResidual(nn.Module):
     y = x
     if self.expansion != 1:
       y = conv(hidden, kernel_size=1, name="expand")(y, train=train)
-    y = conv(hidden, kernel_size=3, strides=self.strides, depthwise=True,
+    padding = {} if self.depthwise_padding is None else {"padding": self.depthwise_padding}
+    y = conv(hidden, kernel_size=3, strides=self.strides, depthwise=True, **padding,
              name="depthwise")(y, train=train)
     y = conv(self.out_channels, kernel_size=1, use_activation=False,
              name="project")(y, train=train)
@@ -296,6 +298,9 @@ class MobileViT(nn.Module):
     conv_padding: zero padding of the 3x3 convolutions (`conv_pads`): `symmetric` (k // 2 on
       each side, ml-cvnets) or `same` (TensorFlow's "same", the Keras example: a stride-2
       conv on an even map pads only after, so its outputs sit half a pixel elsewhere).
+    depthwise_padding: the MV2 blocks' depthwise convolutions' padding, where it differs
+      from `conv_padding` (None: the same): the Keras 3 example pads them `symmetric`
+      (ZeroPadding2D() before its strided DepthwiseConv2D) and its stem `same`.
     scan: `nn.scan` over each MobileViT stage's transformer blocks (one block compiled per
       stage; parameters `transformers/...` with a leading [depth] axis instead of
       `transformer_0/...`, `efficient_vit.scan_layout` converts).
@@ -324,6 +329,7 @@ class MobileViT(nn.Module):
   head_dropout_rate: float = 0.1
   mlp_activation: str = "silu"
   conv_padding: str = "symmetric"
+  depthwise_padding: str | None = None
   scan: bool = False
   remat: str = "none"
   attention_impl: str = "xla"
@@ -332,6 +338,9 @@ class MobileViT(nn.Module):
   def _check(self) -> None:
     if self.variant not in VARIANTS:
       raise ValueError(f"model.variant={self.variant!r}; allowed: {', '.join(VARIANTS)}")
+    if self.depthwise_padding not in (None,) + CONV_PADDINGS:
+      raise ValueError(f"model.depthwise_padding={self.depthwise_padding!r}; allowed: None, "
+                       f"{', '.join(CONV_PADDINGS)}")
     if self.conv_padding not in CONV_PADDINGS:
       raise ValueError(f"model.conv_padding={self.conv_padding!r}; allowed: "
                        f"{', '.join(CONV_PADDINGS)}")
@@ -372,12 +381,14 @@ class MobileViT(nn.Module):
       for j in range(depth):
         x = InvertedResidual(self.stage_channels[stage], self.expansion,
                              strides=self.strides[stage + 1] if j == 0 else 1, conv=conv,
+                             depthwise_padding=self.depthwise_padding,
                              name=f"stage_{stage + 1}_mv2_{j}")(x, train=train)
       stage += 1
     for dim, depth, mlp_dim in zip(self.embed_dims, self.transformer_depths,
                                    self.mlp_dims):
       x = InvertedResidual(self.stage_channels[stage], self.expansion,
                            strides=self.strides[stage + 1], conv=conv,
+                           depthwise_padding=self.depthwise_padding,
                            name=f"stage_{stage + 1}_mv2")(x, train=train)
       x = MobileViTBlock(dim, depth, mlp_dim, self.num_heads, patch_size=self.patch_size,
                          variant=self.variant, resize_to_patches=self.resize_to_patches,
