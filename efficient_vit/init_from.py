@@ -141,7 +141,7 @@ def _reference_variables(config, model, fresh: dict) -> tuple[dict, str]:
   from efficient_vit import import_weights
 
   layout, path = config.init_from.layout, config.init_from.path
-  import_weights.check_reference_fields(layout, model)
+  import_weights.check_reference_fields(layout, model, command_line=True)
   size = config.init_from.image_size if config.init_from.image_size > 0 else config.image_size
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
   state = import_weights.read_state_dict(path)
@@ -151,12 +151,20 @@ def _reference_variables(config, model, fresh: dict) -> tuple[dict, str]:
     if "head" not in str(e):
       raise
   # Another class count: read and drop the reference's classifier, keep the fresh one.
+  path = f"{path} (a new head: its classifier has another class count)"
   template = traverse_util.flatten_dict(dict(shapes))
   for key, leaf in traverse_util.flatten_dict(dict(fresh)).items():
     if key[:2] == ("params", "head"):
       template[key] = leaf
   template = traverse_util.unflatten_dict(template)
-  return import_weights.convert(state, layout, template, new_head=True, source=path), path
+  return import_weights.convert(state, layout, template, new_head=True,
+                                source=config.init_from.path), path
+
+
+def _head_classes(variables: dict) -> int | None:
+  """The class count of a model's classifier (params/head)."""
+  bias = dict(variables.get("params", {})).get("head", {}).get("bias")
+  return None if bias is None else int(bias.shape[-1])
 
 
 def load(config, model, fresh: dict) -> tuple[dict, str]:
@@ -172,6 +180,10 @@ def load(config, model, fresh: dict) -> tuple[dict, str]:
   fresh = scan_layout.to_layout(fresh, scan=False)
   if config.init_from.layout == "project":
     source, name = _project_variables(config)
+    classes = {k: _head_classes(v) for k, v in (("source", source), ("fresh", fresh))}
+    if classes["source"] != classes["fresh"]:
+      name += (f" (a new head for {classes['fresh']} classes: the checkpoint's has "
+               f"{classes['source']})")
   else:
     source, name = _reference_variables(config, model, fresh)
   source = scan_layout.to_layout(source, scan=False)
