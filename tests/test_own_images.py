@@ -260,3 +260,100 @@ def test_predict_refuses_a_missing_workdir_in_one_line(tmp_path):
   assert run.returncode == 2
   assert run.stderr.strip() == (f"predict: error: --workdir='{tmp_path / 'nowhere'}' is not "
                                 "a directory; allowed: the workdir of a training run")
+
+
+def readme_block(marker: str) -> str:
+  """The code block after `<!-- MARKER -->` in README.md, or (until the section moves
+  there) in notes/README_37.md."""
+  for name in ("README.md", os.path.join("notes", "README_37.md")):
+    path = os.path.join(ROOT, name)
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        text = f.read()
+      tag = f"<!-- {marker} -->"
+      if tag in text:
+        block = text.split(tag, 1)[1].split("```", 2)[1]
+        return block.split("\n", 1)[1]  # Without the fence's language line.
+  raise AssertionError(f"no {marker!r} section in README.md or notes/README_37.md")
+
+
+# Runs a README snippet as its reader would (argv: export dir, files) in a process where JAX
+# and this project cannot be imported (TensorFlow imports JAX where it finds it, and copes
+# without), then checks that none of them was.
+_SERVE = """
+import importlib.abc, sys
+BLOCKED = ("jax", "jaxlib", "flax", "efficient_vit", "configs")
+
+class Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in BLOCKED:
+      raise ModuleNotFoundError(f"{name} is blocked", name=name)
+
+sys.meta_path.insert(0, Block())
+code = sys.argv.pop(1)
+exec(compile(code, "README", "exec"), {"__name__": "__main__"})
+imported = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+assert not imported, imported
+"""
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "saved_model"])
+def test_the_readme_serving_example_runs_without_jax_or_the_project(folder_run, tmp_path, fmt):
+  workdir, files = folder_run["workdir"], folder_run["test_files"][::2]
+  out = str(tmp_path / fmt)
+  export.export(workdir, fmt, out, platforms=("cpu",))
+  run = subprocess.run([sys.executable, "-c", _SERVE, readme_block(f"serving: {fmt}"), out,
+                        *files], cwd=str(tmp_path), env=dict(ENV, PYTHONPATH=""),
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  served = [line.split() for line in run.stdout.strip().splitlines()]
+  expected = predict.predict(files, *predict.load_run(workdir)[:3], top_k=1)
+  assert [s[0] for s in served] == files
+  assert [s[1] for s in served] == [e["top"][0]["name"] for e in expected]
+  # Printed to 3 decimals; Pillow's resize (the ONNX example) is not the pipeline's.
+  tolerance = 1e-3 if fmt == "saved_model" else 0.05
+  assert [float(s[2]) for s in served] == pytest.approx(
+      [e["top"][0]["probability"] for e in expected], abs=tolerance)
+
+
+def test_the_readme_fine_tuning_commands_build(tmp_path):
+  """Each launch.py command of the README's fine-tuning section parses, passes every check
+  of `train.build` (for a folder of 5 classes) and of the timm layout's model fields, and
+  traces at the new resolution and at the checkpoint's."""
+  import jax
+  import jax.numpy as jnp
+  from absl import flags
+  from ml_collections import config_flags
+
+  from efficient_vit import import_weights
+
+  commands = readme_block("fine-tune: commands").replace("\\\n", " ").strip().splitlines()
+  assert len(commands) == 2
+  for command in commands:
+    argv = command.split()
+    assert argv[:3] == ["uv", "run", "launch.py"]
+    args = ["launch.py"] + _flag_args(argv[3:])
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=args)
+    flags.DEFINE_string("workdir", None, "", flag_values=values)
+    values(args)
+    config = values.config
+    checkpoint = tmp_path / os.path.basename(config.init_from.path)
+    checkpoint.write_bytes(b"")  # init_from's check: the file exists.
+    config.init_from.path = str(checkpoint)
+    info = input_pipeline.DatasetInfo(num_classes=5, num_train_examples=2000,
+                                      num_eval_examples=500)
+    experiment = train.build(config, info)
+    import_weights.check_reference_fields(config.init_from.layout, experiment.model, True)
+    size = config.init_from.image_size
+    jax.eval_shape(experiment.model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    assert config.image_size != size
+
+
+def _flag_args(argv: list[str]) -> list[str]:
+  """`--config FILE --x=y ...` as absl parses it: `--config=FILE --x=y ...`."""
+  out, rest = [], list(argv)
+  while rest:
+    arg = rest.pop(0)
+    out.append(f"{arg}={rest.pop(0)}" if arg == "--config" else arg)
+  return out
