@@ -14,7 +14,8 @@ Every format takes raw images and returns logits:
   output  `logits`: float32 [batch, num_classes].
 The normalisation `(pixels / 255 - mean) / std` is inside the exported computation, and the
 batch dimension is symbolic: one export serves any batch size. DIR holds the model and
-`export.json` (the input, output, preprocessing, run, step and parameters exported).
+`export.json` (the input, output, preprocessing, class names, run, step and parameters
+exported).
 
 FORMAT, what DIR holds, and how to run it without this repository:
   stablehlo    model.stablehlo, `jax.export` serialized StableHLO for --platforms:

@@ -186,13 +186,28 @@ def test_evaluate_reproduces_the_trainers_eval_and_writes_nothing(folder_run, st
 
 
 def test_evaluate_refuses_a_missing_workdir_or_step_in_one_line(folder_run, tmp_path):
-  with pytest.raises(FileNotFoundError, match="is not a directory"):
-    evaluate.evaluate(str(tmp_path / "nowhere"))
-  run = subprocess.run([sys.executable, "-m", "efficient_vit.evaluate",
-                        f"--workdir={folder_run['workdir']}", "--step=4"], cwd=ROOT, env=ENV,
+  with pytest.raises(ValueError) as error:
+    evaluate.evaluate(folder_run["workdir"], step=4)
+  assert str(error.value) == "--step=4; allowed: 3, 6"
+  # The command line says it in one line, exit status 2 (quickly: before JAX is loaded).
+  missing = str(tmp_path / "nowhere")
+  run = subprocess.run([sys.executable, "-m", "efficient_vit.evaluate", f"--workdir={missing}"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+  assert (run.returncode, run.stdout) == (2, "")
+  assert run.stderr.strip() == (f"evaluate: error: --workdir={missing!r} is not a directory; "
+                                "allowed: the workdir of a training run")
+
+
+def test_evaluate_command_evaluates_a_slice_and_writes_only_when_asked(folder_run):
+  workdir = folder_run["workdir"]
+  run = subprocess.run([sys.executable, "-m", "efficient_vit.evaluate", f"--workdir={workdir}",
+                        "--split=test[:6]", "--params=raw", "--write"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=300)
-  assert run.returncode == 2 and run.stdout == ""
-  assert run.stderr.strip().splitlines()[-1] == "evaluate: error: --step=4; allowed: 3, 6"
+  assert run.returncode == 0, run.stderr[-3000:]
+  printed = json.loads(run.stdout)
+  assert (printed["split"], printed["num_examples"], printed["step"]) == ("test[:6]", 6, 6)
+  with open(os.path.join(workdir, evaluate.RESULTS), encoding="utf-8") as f:
+    assert [json.loads(line) for line in f] == [printed]
 
 
 def _pipeline_images_by_file(config) -> dict:
