@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -82,8 +81,9 @@ class DeviceDataset:
     ds = input_pipeline.read_split(config, config.train_split, "train", shuffle_files=False)
     # `fixed_size` without its one random op (the inception crop, which this path does not
     # take): the same pixels as the tf.data path's.
-    chunks = list(tfds.as_numpy(ds.map(lambda ex: (input_pipeline.fixed_size(
-        config, ex["image"], tf.zeros((2,), tf.int64)), ex["label"])).batch(4096)))
+    ds = ds.map(lambda ex: (input_pipeline.fixed_size(config, ex["image"],
+                                                      tf.zeros((2,), tf.int64)), ex["label"]))
+    chunks = list(input_pipeline.as_numpy(config, config.train_split, ds.batch(4096)))
     images = np.concatenate([c[0] for c in chunks])
     labels = np.concatenate([c[1] for c in chunks]).astype(np.int32)
     local = jax.local_device_count()

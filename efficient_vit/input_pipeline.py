@@ -155,6 +155,33 @@ def read_split(config, split: str, share: str | None = None, **kwargs) -> tf.dat
   return ds.shard(hosts, index) if share and hosts > 1 else ds
 
 
+def _first_undecodable(config, split: str) -> str | None:
+  """The first file of a folder dataset's split that TensorFlow cannot decode (one eager
+  decode per file: run only once reading has failed)."""
+  examples = _folder_dataset(config, split, decoders={"image": tfds.decode.SkipDecoding()})
+  for example in examples:
+    try:
+      tf.io.decode_image(example["image"], channels=3, expand_animations=False)
+    except tf.errors.InvalidArgumentError:
+      return example["image/filename"].numpy().decode()
+  return None
+
+
+def as_numpy(config, split: str, ds: tf.data.Dataset) -> Iterator:
+  """`tfds.as_numpy(ds)` of a pipeline over `split`; for a folder dataset, a file that passed
+  the start-up check but cannot be decoded stops it with a ValueError naming the file,
+  instead of TensorFlow's error without it."""
+  try:
+    yield from tfds.as_numpy(ds)
+  except tf.errors.InvalidArgumentError as e:
+    path = _first_undecodable(config, split) if is_folder(config.dataset) else None
+    if path is None:
+      raise
+    raise ValueError(f"config.dataset={config.dataset!r}: {path} cannot be decoded "
+                     f"({e.message.splitlines()[0].strip()}); allowed: readable JPEG or PNG "
+                     "files (remove or replace it)") from None
+
+
 def _as_dataset(config, split, **kwargs) -> tf.data.Dataset:
   """`builder.as_dataset`, preparing the dataset first if it is missing and may be fetched.
 
@@ -337,7 +364,7 @@ def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]
 
   stream = stream.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   stream = stream.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  yield from tfds.as_numpy(stream)
+  yield from as_numpy(config, config.train_split, stream)
 
 
 class EvalSplit:
@@ -353,6 +380,7 @@ class EvalSplit:
     hosts = jax.process_count()
     self.num_examples = _num_examples(config, config.eval_split)
     self.num_batches = math.ceil(math.ceil(self.num_examples / hosts) / self.batch)
+    self._config = config
     decode = _decoder(config)
 
     def preprocess(example):
@@ -369,7 +397,7 @@ class EvalSplit:
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     produced = 0
-    for real in tfds.as_numpy(self._dataset):
+    for real in as_numpy(self._config, self._config.eval_split, self._dataset):
       pad = self.batch - len(real["label"])
       yield {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
              for k, v in real.items()}

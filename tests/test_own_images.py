@@ -372,3 +372,20 @@ def _flag_args(argv: list[str]) -> list[str]:
     arg = rest.pop(0)
     out.append(f"{arg}={rest.pop(0)}" if arg == "--config" else arg)
   return out
+
+
+@pytest.mark.parametrize("pipeline", ["tfdata", "device"])
+def test_a_file_that_fails_to_decode_mid_run_is_named(tiny_vit_config, tmp_path, pipeline):
+  """A file with a PNG signature and a broken body passes the start-up check; reading it
+  stops the run with a one-line error that names it, on either input path."""
+  root = str(tmp_path / "images")
+  write_folder(root, (("train", 2), ("test", 1)))
+  broken = os.path.join(root, "train", "cherry", "broken.png")
+  with open(broken, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + b"x" * 100)
+  config = folder_config(tiny_vit_config, root)
+  config.update(input_pipeline=pipeline, num_train_steps=1)
+  with pytest.raises(ValueError) as error:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  message = str(error.value)
+  assert broken in message and "cannot be decoded" in message and "\n" not in message
