@@ -135,16 +135,29 @@ def _project_variables(config) -> tuple[dict, str]:
   return variables, f"{config.init_from.path} (step {run['step']})"
 
 
+def _swin_window(state: dict) -> int | None:
+  """The window size of a timm Swin state dict: its bias tables are [(2W - 1)^2, heads]."""
+  for name, table in state.items():
+    if name.endswith("attn.relative_position_bias_table"):
+      return (math.isqrt(table.shape[0]) + 1) // 2
+  return None
+
+
 def _reference_variables(config, model, fresh: dict) -> tuple[dict, str]:
-  """A reference checkpoint's variables at its own resolution; its classifier, or the new
-  model's fresh one where the class counts differ."""
+  """A reference checkpoint's variables at its own resolution (and, for Swin, its own window
+  size, which `fit` then resizes to this model's); its classifier, or the new model's fresh
+  one where the class counts differ."""
   from efficient_vit import import_weights
 
   layout, path = config.init_from.layout, config.init_from.path
   import_weights.check_reference_fields(layout, model, command_line=True)
   size = config.init_from.image_size if config.init_from.image_size > 0 else config.image_size
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
   state = import_weights.read_state_dict(path)
+  source_model = model
+  if layout == "timm_swin" and _swin_window(state) not in (None, model.window_size):
+    window = _swin_window(state)  # Shifts hold no parameters: any valid one does.
+    source_model = model.clone(window_size=window, shift_size=window // 2)
+  shapes = jax.eval_shape(source_model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
   try:
     return import_weights.convert(state, layout, shapes, source=path), path
   except ValueError as e:

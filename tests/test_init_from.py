@@ -173,3 +173,40 @@ def test_a_reference_field_mismatch_names_the_command_line_override(tmp_path):
       "config.model.mlp_activation='gelu_tanh'; allowed: 'gelu', what timm_vit checkpoints "
       "compute with: add --config.model.mlp_activation=gelu to the command")
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_timm_swin_checkpoint_starts_a_model_with_another_window():
+  """timm's Swin (window 4, 32 px: tests/fixtures) into a model with window 8 at 128 px:
+  the blocks load at the checkpoint's window and each relative-position bias table is then
+  resized to the new one (15 x 15 offsets from 7 x 7); every other leaf is the reference's."""
+  from configs import swin
+  from flax import traverse_util
+
+  from efficient_vit import import_weights
+  from efficient_vit.models import build_model
+
+  fixture = os.path.join(os.path.dirname(__file__), "fixtures", "timm_swin.safetensors")
+  sizes = dict(patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4))
+  config = swin.get_config("swin_t")
+  config.model.update(sizes, window_size=8, shift_size=4)
+  config.image_size = 128
+  config.init_from.update(path=fixture, layout="timm_swin", image_size=32)
+  model = build_model(config.model, 7)
+  fresh = model.init(jax.random.key(0), np.zeros((1, 128, 128, 3), np.float32))
+  loaded, source = init_from.load(config, model, fresh)
+  assert "a new head" in source
+  reference = import_weights.load_reference(fixture, "timm_swin", build_model(
+      {**config.model, "window_size": 4, "shift_size": 2}, 7), 32, new_head=True)
+  flat_loaded = traverse_util.flatten_dict(loaded)
+  tables = 0
+  for path, value in traverse_util.flatten_dict(reference).items():
+    if path[:2] == ("params", "head"):
+      continue
+    if path[-1] == "relative_position_bias_table":
+      tables += 1
+      assert value.shape[0] == 49 and flat_loaded[path].shape[0] == 225
+      np.testing.assert_allclose(flat_loaded[path], init_from.resize_relative_bias_table(
+          np.asarray(value), 225), rtol=1e-6)
+    else:
+      np.testing.assert_array_equal(flat_loaded[path], value)
+  assert tables == 4
