@@ -11,7 +11,8 @@ from ml_collections import config_dict
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
-  # Data: any TFDS image-classification dataset with `image` and `label` features.
+  # Data: any TFDS image-classification dataset with `image` and `label` features, or a
+  # folder of images laid out as root/<split>/<class>/*.jpg|png (input_pipeline.py).
   c.dataset = "cifar10"
   c.data_dir = config_dict.placeholder(str)  # None: the TFDS default (honours TFDS_DATA_DIR).
   c.download = True  # Prepare the dataset if it is missing (fails fast when offline).

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -34,9 +33,10 @@ _MAX_BYTES_WITHOUT_MEMORY_STATS = 4 << 30
 
 
 def split_bytes(config) -> int | None:
-  """uint8 bytes of the train split, or None when its images differ in size."""
+  """uint8 bytes of the train split, or None when its images differ in size (a folder of
+  images is resized to one size as it is read, whatever the sizes of its files)."""
   shape = input_pipeline._builder(config).info.features["image"].shape
-  if any(d is None for d in shape):
+  if any(d is None for d in shape) and not input_pipeline.is_folder(config.dataset):
     return None
   num = input_pipeline._num_examples(config, config.train_split)
   return int(num * input_pipeline.input_size(config) ** 2 * shape[-1])
@@ -78,12 +78,12 @@ class DeviceDataset:
   """
 
   def __init__(self, config, mesh: Mesh, stacked: bool = False):
-    split = tfds.split_for_jax_process(config.train_split)
-    ds = input_pipeline._as_dataset(config, split, shuffle_files=False)
+    ds = input_pipeline.read_split(config, config.train_split, "train", shuffle_files=False)
     # `fixed_size` without its one random op (the inception crop, which this path does not
     # take): the same pixels as the tf.data path's.
-    chunks = list(tfds.as_numpy(ds.map(lambda ex: (input_pipeline.fixed_size(
-        config, ex["image"], tf.zeros((2,), tf.int64)), ex["label"])).batch(4096)))
+    ds = ds.map(lambda ex: (input_pipeline.fixed_size(config, ex["image"],
+                                                      tf.zeros((2,), tf.int64)), ex["label"]))
+    chunks = list(input_pipeline.as_numpy(config, config.train_split, ds.batch(4096)))
     images = np.concatenate([c[0] for c in chunks])
     labels = np.concatenate([c[1] for c in chunks]).astype(np.int32)
     local = jax.local_device_count()

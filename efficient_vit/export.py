@@ -14,7 +14,8 @@ Every format takes raw images and returns logits:
   output  `logits`: float32 [batch, num_classes].
 The normalisation `(pixels / 255 - mean) / std` is inside the exported computation, and the
 batch dimension is symbolic: one export serves any batch size. DIR holds the model and
-`export.json` (the input, output, preprocessing, run, step and parameters exported).
+`export.json` (the input, output, preprocessing, class names, run, step and parameters
+exported).
 
 FORMAT, what DIR holds, and how to run it without this repository:
   stablehlo    model.stablehlo, `jax.export` serialized StableHLO for --platforms:
@@ -311,33 +312,38 @@ def _versions(fmt: str) -> dict:
   return out
 
 
-def _resize_note(workdir: str, image_size: int) -> str:
-  """How the eval pipeline brought images to image_size (config.augment.crop)."""
-  crop = None
+def _eval_resize(workdir: str, image_size: int) -> tuple[str, float]:
+  """How the eval pipeline brought images to image_size (config.augment.crop and
+  eval_crop_fraction, as input_pipeline's eval preprocessing reads them), and the fraction
+  of the resized image that its central crop keeps (1.0: the whole image, no crop)."""
+  augment = {}
   path = os.path.join(workdir, "config.json")
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as f:
-      crop = json.load(f).get("augment", {}).get("crop")
-  if crop == "inception":
-    side = int(round(image_size / 0.875))
+      augment = json.load(f).get("augment", {})
+  fraction = float(augment.get("eval_crop_fraction", 0.875))
+  if augment.get("crop") == "inception" and fraction < 1.0:
+    side = int(round(image_size / fraction))
     return (f"bilinear resize (antialiased) to {side}x{side}, then a central "
-            f"{image_size}x{image_size} crop")
-  return f"bilinear resize (antialiased) to {image_size}x{image_size}"
+            f"{image_size}x{image_size} crop", fraction)
+  return f"bilinear resize (antialiased) to {image_size}x{image_size}", 1.0
 
 
 def build_metadata(info: dict, fmt: str, *, workdir: str | None = None,
                    run: dict | None = None, platforms=PLATFORMS) -> dict:
   size, classes = int(info["image_size"]), int(info["num_classes"])
+  resize, crop_fraction = _eval_resize(workdir or "", size)
   metadata = {
       "format": fmt,
       "file": ARTIFACTS[fmt],
       "input": {"name": "images", "dtype": "uint8", "shape": ["batch", size, size, 3],
                 "layout": "NHWC, RGB pixels 0..255",
-                "resize": _resize_note(workdir or "", size)},
+                "resize": resize, "crop_fraction": crop_fraction},
       "preprocessing": "inside the model: (pixels / 255 - mean) / std",
       "mean": list(info["mean"]), "std": list(info["std"]),
       "output": {"name": "logits", "dtype": "float32", "shape": ["batch", classes]},
-      "num_classes": classes, "image_size": size, "dataset": info.get("dataset"),
+      "num_classes": classes, "class_names": info.get("class_names"),
+      "image_size": size, "dataset": info.get("dataset"),
       "model": info["model"], "compute_dtype": "float32",
       "versions": _versions(fmt),
   }
@@ -430,14 +436,17 @@ def export(workdir: str, fmt: str, out: str, params: str = "auto", step: int | N
                       platforms=platforms)
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run to export.")
-_FORMAT = flags.DEFINE_string("format", None, f"One of {', '.join(FORMATS)}.")
-_OUT = flags.DEFINE_string("out", None, "A new or empty directory for the export.")
-_PARAMS = flags.DEFINE_string("params", "auto", "auto: the EMA parameters where the run has "
-                              "them, else the trained ones; ema; raw: the trained ones.")
-_STEP = flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
-_PLATFORMS = flags.DEFINE_list("platforms", list(PLATFORMS), "stablehlo and saved_model: "
-                               "the platforms the computation is lowered for.")
+def define_flags() -> None:
+  """The command line's flags, defined only when this module runs as a program (evaluate
+  and predict import it and have flags of the same names)."""
+  flags.DEFINE_string("workdir", None, "The training run to export.")
+  flags.DEFINE_string("format", None, f"One of {', '.join(FORMATS)}.")
+  flags.DEFINE_string("out", None, "A new or empty directory for the export.")
+  flags.DEFINE_string("params", "auto", "auto: the EMA parameters where the run has them, "
+                      "else the trained ones; ema; raw: the trained ones.")
+  flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
+  flags.DEFINE_list("platforms", list(PLATFORMS), "stablehlo and saved_model: the platforms "
+                    "the computation is lowered for.")
 
 
 def main(argv):
@@ -449,14 +458,16 @@ def main(argv):
     if flags.FLAGS[flag].value is None:
       raise app.UsageError(f"--{flag} is required")
   try:
-    metadata = export(_WORKDIR.value, _FORMAT.value, _OUT.value, _PARAMS.value, _STEP.value,
-                      tuple(_PLATFORMS.value))
+    args = flags.FLAGS
+    metadata = export(args.workdir, args.format, args.out, args.params, args.step,
+                      tuple(args.platforms))
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"export: error: {e}", file=sys.stderr)
     sys.exit(2)
   print(f"exported step {metadata['step']} ({metadata['params']} parameters) of "
-        f"{_WORKDIR.value} as {_FORMAT.value} to {_OUT.value}", flush=True)
+        f"{flags.FLAGS.workdir} as {flags.FLAGS.format} to {flags.FLAGS.out}", flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

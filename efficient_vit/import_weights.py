@@ -551,14 +551,18 @@ _MAPPERS = {"timm_vit": _map_timm_vit, "big_vision_vit": _map_big_vision_vit,
             "cct_official": _map_cct_official}
 
 
-def check_reference_fields(layout: str, model: Any) -> None:
-  """A ValueError naming the first field of `model` that differs from what `layout` computes."""
+def check_reference_fields(layout: str, model: Any, command_line: bool = False) -> None:
+  """A ValueError naming the first field of `model` that differs from what `layout` computes,
+  and how to fix it: the launch.py override (`command_line`, the `config.init_from` path) or,
+  for `load_reference`'s callers, the model field or `check_fields=False`."""
   for field, value in REFERENCE_FIELDS[layout].items():
     have = getattr(model, field, None)
     if have != value:
-      raise ValueError(f"model.{field}={have!r}, but {layout} checkpoints compute with "
-                       f"{field}={value!r}; set --config.model.{field}={value} (or pass "
-                       "check_fields=False to load the weights into a different computation)")
+      fix = (f"add --config.model.{field}={value} to the command" if command_line else
+             f"build the model with {field}={value!r} (or pass check_fields=False to load "
+             "the weights into a different computation)")
+      raise ValueError(f"config.model.{field}={have!r}; allowed: {value!r}, what {layout} "
+                       f"checkpoints compute with: {fix}")
 
 
 def convert(state: Mapping[str, np.ndarray], layout: str, variables: Mapping[str, Any], *,

@@ -135,28 +135,49 @@ def _project_variables(config) -> tuple[dict, str]:
   return variables, f"{config.init_from.path} (step {run['step']})"
 
 
+def _swin_window(state: dict) -> int | None:
+  """The window size of a timm Swin state dict: its bias tables are [(2W - 1)^2, heads]."""
+  for name, table in state.items():
+    if name.endswith("attn.relative_position_bias_table"):
+      return (math.isqrt(table.shape[0]) + 1) // 2
+  return None
+
+
 def _reference_variables(config, model, fresh: dict) -> tuple[dict, str]:
-  """A reference checkpoint's variables at its own resolution; its classifier, or the new
-  model's fresh one where the class counts differ."""
+  """A reference checkpoint's variables at its own resolution (and, for Swin, its own window
+  size, which `fit` then resizes to this model's); its classifier, or the new model's fresh
+  one where the class counts differ."""
   from efficient_vit import import_weights
 
   layout, path = config.init_from.layout, config.init_from.path
-  import_weights.check_reference_fields(layout, model)
+  import_weights.check_reference_fields(layout, model, command_line=True)
   size = config.init_from.image_size if config.init_from.image_size > 0 else config.image_size
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
   state = import_weights.read_state_dict(path)
+  source_model = model
+  if layout == "timm_swin" and _swin_window(state) not in (None, model.window_size):
+    window = _swin_window(state)  # Shifts hold no parameters: any valid one does.
+    source_model = model.clone(window_size=window, shift_size=window // 2)
+  shapes = jax.eval_shape(source_model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
   try:
     return import_weights.convert(state, layout, shapes, source=path), path
   except ValueError as e:
     if "head" not in str(e):
       raise
   # Another class count: read and drop the reference's classifier, keep the fresh one.
+  path = f"{path} (a new head: its classifier has another class count)"
   template = traverse_util.flatten_dict(dict(shapes))
   for key, leaf in traverse_util.flatten_dict(dict(fresh)).items():
     if key[:2] == ("params", "head"):
       template[key] = leaf
   template = traverse_util.unflatten_dict(template)
-  return import_weights.convert(state, layout, template, new_head=True, source=path), path
+  return import_weights.convert(state, layout, template, new_head=True,
+                                source=config.init_from.path), path
+
+
+def _head_classes(variables: dict) -> int | None:
+  """The class count of a model's classifier (params/head)."""
+  bias = dict(variables.get("params", {})).get("head", {}).get("bias")
+  return None if bias is None else int(bias.shape[-1])
 
 
 def load(config, model, fresh: dict) -> tuple[dict, str]:
@@ -172,6 +193,10 @@ def load(config, model, fresh: dict) -> tuple[dict, str]:
   fresh = scan_layout.to_layout(fresh, scan=False)
   if config.init_from.layout == "project":
     source, name = _project_variables(config)
+    classes = {k: _head_classes(v) for k, v in (("source", source), ("fresh", fresh))}
+    if classes["source"] != classes["fresh"]:
+      name += (f" (a new head for {classes['fresh']} classes: the checkpoint's has "
+               f"{classes['source']})")
   else:
     source, name = _reference_variables(config, model, fresh)
   source = scan_layout.to_layout(source, scan=False)

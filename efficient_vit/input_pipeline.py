@@ -13,6 +13,10 @@ Eval: the whole split exactly once. Each host reads its even share, batches are 
 to full size and carry a `mask` (1 = real example), and every host yields the same number
 of batches, so collectives line up and no example is dropped or counted twice.
 
+`config.dataset` is a TFDS name or a folder of images laid out as `root/<split>/<class>/
+*.jpg|jpeg|png` (read by TFDS's `ImageFolder` builder: the class names are the folder names,
+sorted; splits are the subfolders, sliced as TFDS slices: `train[:90%]`).
+
 Batches are dicts of numpy arrays: `image` uint8 [batch, H, W, C] (normalised by the
 steps, `normalisation` gives the mean and std), `label` int32 [batch] and, for eval,
 `mask` float32 [batch].
@@ -21,7 +25,9 @@ steps, `normalisation` gives the mean and std), `label` int32 [batch] and, for e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 import socket
 import urllib.parse
 from typing import Iterator
@@ -52,6 +58,7 @@ class DatasetInfo:
   num_classes: int
   num_train_examples: int
   num_eval_examples: int
+  class_names: tuple[str, ...] = ()  # Index -> name, from the label feature or the folders.
 
 
 def _host_unreachable(url: str, timeout: float = 5.0) -> str | None:
@@ -66,12 +73,113 @@ def _host_unreachable(url: str, timeout: float = 5.0) -> str | None:
     return host
 
 
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # What tfds.ImageFolder reads.
+# The first bytes of the files tfds.ImageFolder reads: JPEG's SOI marker and PNG's signature.
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
+
+
+def is_folder(dataset: str) -> bool:
+  """Whether `dataset` names a folder of images rather than a TFDS dataset: a path (it has a
+  separator, or starts with `.` or `~`), or an existing directory that is no TFDS name."""
+  path = os.path.expanduser(dataset)
+  if os.sep in dataset or dataset.startswith((".", "~")):
+    return True
+  return os.path.isdir(path) and dataset not in tfds.list_builders()
+
+
+def _check_image_files(root: str) -> None:
+  """A FileNotFoundError or ValueError naming the path of a folder dataset that TFDS's
+  ImageFolder would read wrongly or fail on mid-run: no split folders, or a file that is no
+  JPEG or PNG (its first bytes are read, so this costs one small read per file)."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"config.dataset={root!r} is not a directory; allowed: a TFDS "
+                            "name, or a folder of images laid out as root/<split>/<class>/"
+                            "*.jpg|png")
+  splits = [e for e in sorted(os.scandir(root), key=lambda e: e.name) if e.is_dir()]
+  if not splits:
+    raise ValueError(f"config.dataset={root!r} has no split folders; allowed: a folder laid "
+                     "out as root/<split>/<class>/*.jpg|png (e.g. root/train/cat/1.jpg)")
+  for split in splits:
+    for label in os.scandir(split.path):
+      if not label.is_dir():
+        continue
+      for entry in os.scandir(label.path):
+        if entry.name.lower().endswith(_IMAGE_SUFFIXES):
+          with open(entry.path, "rb") as f:
+            head = f.read(8)
+          if not head.startswith(_IMAGE_SIGNATURES):
+            raise ValueError(f"config.dataset={root!r}: {entry.path} is not a JPEG or PNG "
+                             "image (unreadable); allowed: .jpg/.jpeg/.png files that hold "
+                             "such images")
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_builder(root: str) -> tfds.core.DatasetBuilder:
+  """The ImageFolder builder of `root`, checked once (it lists every file when made)."""
+  _check_image_files(root)
+  return tfds.ImageFolder(root)
+
+
 def _builder(config) -> tfds.core.DatasetBuilder:
+  if is_folder(config.dataset):
+    return _folder_builder(os.path.abspath(os.path.expanduser(config.dataset)))
   try:
     return tfds.builder(config.dataset, data_dir=config.data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f"config.dataset={config.dataset!r} is not a TFDS dataset "
                      "(for example cifar10, cifar100, imagenet2012, tf_flowers)") from e
+
+
+def _folder_dataset(config, split: str, **kwargs) -> tf.data.Dataset:
+  """A folder dataset's split as TFDS reads it: ImageFolder reads whole splits only, so a
+  slice (`train[:90%]`, `train+test`) is TFDS's own instruction applied with skip / take."""
+  builder = _builder(config)
+  instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
+  parts = [builder.as_dataset(split=i.splitname, **kwargs).skip(i.from_ or 0).take(
+      -1 if i.to is None else i.to - (i.from_ or 0)) for i in instructions]
+  return functools.reduce(tf.data.Dataset.concatenate, parts)
+
+
+def read_split(config, split: str, share: str | None = None, **kwargs) -> tf.data.Dataset:
+  """The examples of `split` (a TFDS split spec) that this host reads: all of them
+  (`share=None`), its share of the train split (`train`: tfds.split_for_jax_process) or its
+  even share of an eval split (`eval`: tfds.even_splits, nothing dropped)."""
+  hosts, index = jax.process_count(), jax.process_index()
+  if not is_folder(config.dataset):
+    if share == "train":
+      split = tfds.split_for_jax_process(split)
+    elif share == "eval":
+      split = tfds.even_splits(split, n=hosts, drop_remainder=False)[index]
+    return _as_dataset(config, split, **kwargs)
+  ds = _folder_dataset(config, split, **kwargs)
+  return ds.shard(hosts, index) if share and hosts > 1 else ds
+
+
+def _first_undecodable(config, split: str) -> str | None:
+  """The first file of a folder dataset's split that TensorFlow cannot decode (one eager
+  decode per file: run only once reading has failed)."""
+  examples = _folder_dataset(config, split, decoders={"image": tfds.decode.SkipDecoding()})
+  for example in examples:
+    try:
+      tf.io.decode_image(example["image"], channels=3, expand_animations=False)
+    except tf.errors.InvalidArgumentError:
+      return example["image/filename"].numpy().decode()
+  return None
+
+
+def as_numpy(config, split: str, ds: tf.data.Dataset) -> Iterator:
+  """`tfds.as_numpy(ds)` of a pipeline over `split`; for a folder dataset, a file that passed
+  the start-up check but cannot be decoded stops it with a ValueError naming the file,
+  instead of TensorFlow's error without it."""
+  try:
+    yield from tfds.as_numpy(ds)
+  except tf.errors.InvalidArgumentError as e:
+    path = _first_undecodable(config, split) if is_folder(config.dataset) else None
+    if path is None:
+      raise
+    raise ValueError(f"config.dataset={config.dataset!r}: {path} cannot be decoded "
+                     f"({e.message.splitlines()[0].strip()}); allowed: readable JPEG or PNG "
+                     "files (remove or replace it)") from None
 
 
 def _as_dataset(config, split, **kwargs) -> tf.data.Dataset:
@@ -108,6 +216,40 @@ def _num_examples(config, split) -> int:
     return int(_as_dataset(config, split).reduce(0, lambda n, _: n + 1))
 
 
+def _split_names(spec: str) -> list[str]:
+  """The split names in a TFDS split spec: `train[:90%]+test` -> [train, test]."""
+  return [part.split("[")[0].strip() for part in spec.split("+")]
+
+
+def check_split(config, field: str) -> int:
+  """The number of examples of the split that `config.<field>` names; a ValueError naming
+  the field and the dataset's splits when it names none of them or holds no example (a
+  FileNotFoundError naming the folder, for a folder dataset without it)."""
+  spec = getattr(config, field)
+  splits = _builder(config).info.splits
+  if not splits:  # Sizes unknown until read (tfds.testing.mock_data).
+    return _num_examples(config, spec)
+  allowed = ", ".join(name for name, info in splits.items() if info.num_examples)
+  if is_folder(config.dataset):
+    for name in _split_names(spec):
+      folder = os.path.join(os.path.abspath(os.path.expanduser(config.dataset)), name)
+      if name and not os.path.isdir(folder):
+        raise FileNotFoundError(f"config.{field}={spec!r}: {folder} does not exist; allowed: "
+                                f"{allowed} (the split folders with images)")
+      if name and (name not in splits or not splits[name].num_examples):
+        raise ValueError(f"config.{field}={spec!r}: {folder} has no images (.jpg, .jpeg, "
+                         f".png in {folder}/<class>/); allowed: {allowed}")
+  try:
+    num = splits[spec].num_examples
+  except (KeyError, ValueError, AssertionError) as e:
+    raise ValueError(f"config.{field}={spec!r}; allowed: {allowed}, or slices of them "
+                     "(train[:90%])") from e
+  if num <= 0:
+    raise ValueError(f"config.{field}={spec!r} holds no examples; allowed: {allowed}, or a "
+                     "non-empty slice of them")
+  return num
+
+
 def dataset_info(config) -> DatasetInfo:
   features = _builder(config).info.features
   for name in ("image", "label"):
@@ -115,8 +257,9 @@ def dataset_info(config) -> DatasetInfo:
       raise ValueError(f"config.dataset={config.dataset!r} has no {name!r} feature; "
                        "an image-classification dataset with 'image' and 'label' is needed")
   return DatasetInfo(num_classes=features["label"].num_classes,
-                     num_train_examples=_num_examples(config, config.train_split),
-                     num_eval_examples=_num_examples(config, config.eval_split))
+                     num_train_examples=check_split(config, "train_split"),
+                     num_eval_examples=check_split(config, "eval_split"),
+                     class_names=tuple(features["label"].names))
 
 
 def per_host_batch_size(batch_size: int) -> int:
@@ -168,7 +311,7 @@ def fixed_size(config, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return _to_uint8(_resize(image, input_size(config)))
 
 
-def _eval_preprocess(config, image: tf.Tensor) -> tf.Tensor:
+def eval_preprocess(config, image: tf.Tensor) -> tf.Tensor:
   """uint8 [h, w, c] -> uint8 [size, size, c]: resize, or for `inception` crops the usual
   resize to size / eval_crop_fraction and central crop. Normalisation happens in the eval
   step."""
@@ -194,9 +337,8 @@ def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]
   """
   augment.validate(config)
   batch = per_host_batch_size(config.batch_size)
-  split = tfds.split_for_jax_process(config.train_split)
-  ds = _as_dataset(config, split, shuffle_files=False,
-                   decoders={"image": tfds.decode.SkipDecoding()})
+  ds = read_split(config, config.train_split, "train", shuffle_files=False,
+                  decoders={"image": tfds.decode.SkipDecoding()})
   num_examples = int(ds.cardinality())
   if num_examples <= 0:  # Unknown (some mock or filtered splits): count the records once.
     num_examples = int(ds.reduce(0, lambda n, _: n + 1))
@@ -222,7 +364,7 @@ def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]
 
   stream = stream.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   stream = stream.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  yield from tfds.as_numpy(stream)
+  yield from as_numpy(config, config.train_split, stream)
 
 
 class EvalSplit:
@@ -238,17 +380,16 @@ class EvalSplit:
     hosts = jax.process_count()
     self.num_examples = _num_examples(config, config.eval_split)
     self.num_batches = math.ceil(math.ceil(self.num_examples / hosts) / self.batch)
-    split = tfds.even_splits(config.eval_split, n=hosts,
-                             drop_remainder=False)[jax.process_index()]
+    self._config = config
     decode = _decoder(config)
 
     def preprocess(example):
       image, label = decode(example)
-      return {"image": _eval_preprocess(config, image), "label": tf.cast(label, tf.int32),
+      return {"image": eval_preprocess(config, image), "label": tf.cast(label, tf.int32),
               "mask": tf.ones((), tf.float32)}
 
-    ds = _as_dataset(config, split, shuffle_files=False,
-                     decoders={"image": tfds.decode.SkipDecoding()})
+    ds = read_split(config, config.eval_split, "eval", shuffle_files=False,
+                    decoders={"image": tfds.decode.SkipDecoding()})
     self._dataset = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).batch(
         self.batch).prefetch(tf.data.AUTOTUNE)
     self._image_shape = (config.image_size, config.image_size,
@@ -256,7 +397,7 @@ class EvalSplit:
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     produced = 0
-    for real in tfds.as_numpy(self._dataset):
+    for real in as_numpy(self._config, self._config.eval_split, self._dataset):
       pad = self.batch - len(real["label"])
       yield {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
              for k, v in real.items()}

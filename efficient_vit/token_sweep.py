@@ -236,6 +236,14 @@ def token_sweep(families: list[str] | None = None,
   return results
 
 
+def cached_sweep() -> dict:
+  """The small sweep that notebooks/complexity.ipynb draws, shipped inside the package
+  (efficient_vit/data/token_sweep.json), so that an installed copy has it too."""
+  import importlib.resources
+  cached = importlib.resources.files("efficient_vit") / "data" / "token_sweep.json"
+  return json.loads(cached.read_text(encoding="utf-8"))
+
+
 def plot_token_sweep(results: dict, path: str) -> None:
   """Log-log FLOPs, time and memory per train step against tokens, one line per family,
   with dotted slope-1 and slope-2 guides."""

@@ -662,12 +662,28 @@ def _write_run_files(config, workdir: str, info: input_pipeline.DatasetInfo) -> 
   mean, std = input_pipeline.normalisation(config.dataset)
   model_info = {"model": config.model.to_dict(), "num_classes": int(info.num_classes),
                 "image_size": int(config.image_size), "dtype": config.dtype,
-                "dataset": config.dataset, "mean": list(mean), "std": list(std),
+                "dataset": config.dataset, "class_names": list(info.class_names) or None,
+                "mean": list(mean), "std": list(std),
                 "input": "(pixels / 255 - mean) / std, [batch, image_size, image_size, 3]"}
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2))
   with open(os.path.join(workdir, "model.json"), "w", encoding="utf-8") as f:
     json.dump(model_info, f, indent=2, default=list)
+
+
+def evaluate_split(parallel: DataParallel, variables: dict,
+                   eval_split: input_pipeline.EvalSplit) -> dict:
+  """Mean loss, top-1 and top-5 over every example of `eval_split` (and `num_examples`),
+  for device `variables` as `Experiment.eval_variables` gives them: the trainer's eval,
+  also run by `python -m efficient_vit.evaluate` on a checkpoint."""
+  sums = None
+  for batch in eval_split:
+    out = parallel.first(parallel.eval_step(variables, parallel.put_batch(batch)))
+    sums = out if sums is None else jax.tree.map(np.add, sums, out)
+  count = sums.pop("count")
+  metrics = {k: v / count for k, v in sums.items()}
+  metrics["num_examples"] = count
+  return metrics
 
 
 class NonFiniteError(FloatingPointError):
@@ -798,14 +814,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def evaluate(step: int) -> dict:
     results = {}
     for name, use_ema in (("eval", False), ("eval_ema", True))[:1 + ema]:
-      variables = experiment.eval_variables(state, ema=use_ema)
-      sums = None
-      for batch in eval_split:
-        out = parallel.first(parallel.eval_step(variables, parallel.put_batch(batch)))
-        sums = out if sums is None else jax.tree.map(np.add, sums, out)
-      count = sums.pop("count")
-      metrics = {k: v / count for k, v in sums.items()}
-      metrics["num_examples"] = count
+      metrics = evaluate_split(parallel, experiment.eval_variables(state, ema=use_ema),
+                               eval_split)
       logger.write(step, name, metrics)
       prefix = "" if name == "eval" else "ema_"
       results.update({prefix + k: v for k, v in metrics.items()})

@@ -56,7 +56,7 @@ def test_fit_names_a_leaf_that_cannot_be_fitted():
 
 
 def test_a_run_starts_from_another_at_a_new_resolution_and_class_count(tiny_vit_config,
-                                                                       tmp_path):
+                                                                       tmp_path, capsys):
   tiny_vit_config.num_train_steps = 2
   with tfds.testing.mock_data(num_examples=16):
     train.train_and_evaluate(tiny_vit_config, tmp_path / "pretrain")
@@ -68,6 +68,7 @@ def test_a_run_starts_from_another_at_a_new_resolution_and_class_count(tiny_vit_
   fine.optimizer.learning_rate = 0.0  # Step 1 then leaves the loaded weights as they are.
   with tfds.testing.mock_data(num_examples=16):
     train.train_and_evaluate(fine, tmp_path / "finetune")
+  assert "(a new head for 100 classes: the checkpoint's has 10)" in capsys.readouterr().out
   loaded = _restore_params(tmp_path / "finetune")
   # Every block's weights are the source's; the 4x4 position grid became 6x6 (patch 8 at
   # 32 and 48 pixels); the head is new (100 classes).
@@ -121,7 +122,7 @@ def test_a_resumed_run_logs_each_step_once(tiny_vit_config, tmp_path):
   assert steps == [1, 2, 3, 4]
 
 
-def test_a_run_starts_from_a_reference_checkpoint(tmp_path):
+def test_a_run_starts_from_a_reference_checkpoint(tmp_path, capsys):
   """A timm ViT state dict (5 classes, 32 px: tests/fixtures) starts a 10-class run at
   48 px: its blocks load as the import gives them, the position table is resized, the
   head is new."""
@@ -140,6 +141,7 @@ def test_a_run_starts_from_a_reference_checkpoint(tmp_path):
   config.init_from.update(path=fixture, layout="timm_vit", image_size=32)
   with tfds.testing.mock_data(num_examples=8):
     train.train_and_evaluate(config, tmp_path)
+  assert "(a new head: its classifier has another class count)" in capsys.readouterr().out
   loaded = _restore_params(tmp_path)
   reference = import_weights.load_reference(
       fixture, "timm_vit", build_model(config.model, 5), 32)["params"]
@@ -149,3 +151,62 @@ def test_a_run_starts_from_a_reference_checkpoint(tmp_path):
                              init_from.resize_position_embedding(np.asarray(table), 1 + 36),
                              rtol=1e-6)
   assert loaded["head"]["kernel"].shape == (32, 10)
+
+
+def test_a_reference_field_mismatch_names_the_command_line_override(tmp_path):
+  """timm's ViT computes the exact GELU; the ViT-S/16 preset the tanh form: the error says
+  which launch.py flag fixes it (not the Python-only check_fields), before anything is
+  written."""
+  from configs import vit
+
+  fixture = os.path.join(os.path.dirname(__file__), "fixtures", "timm_vit_token.safetensors")
+  config = vit.get_config("s16_imagenet")
+  config.model.update(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
+  config.update(dataset="cifar10", eval_split="test", image_size=32, batch_size=8,
+                num_train_steps=1)
+  config.optimizer.warmup_steps = 0
+  config.init_from.update(path=fixture, layout="timm_vit", image_size=32)
+  with tfds.testing.mock_data(num_examples=8):
+    with pytest.raises(ValueError) as error:
+      train.train_and_evaluate(config, tmp_path / "run")
+  assert str(error.value) == (
+      "config.model.mlp_activation='gelu_tanh'; allowed: 'gelu', what timm_vit checkpoints "
+      "compute with: add --config.model.mlp_activation=gelu to the command")
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_timm_swin_checkpoint_starts_a_model_with_another_window():
+  """timm's Swin (window 4, 32 px: tests/fixtures) into a model with window 8 at 128 px:
+  the blocks load at the checkpoint's window and each relative-position bias table is then
+  resized to the new one (15 x 15 offsets from 7 x 7); every other leaf is the reference's."""
+  from configs import swin
+  from flax import traverse_util
+
+  from efficient_vit import import_weights
+  from efficient_vit.models import build_model
+
+  fixture = os.path.join(os.path.dirname(__file__), "fixtures", "timm_swin.safetensors")
+  sizes = dict(patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4))
+  config = swin.get_config("swin_t")
+  config.model.update(sizes, window_size=8, shift_size=4)
+  config.image_size = 128
+  config.init_from.update(path=fixture, layout="timm_swin", image_size=32)
+  model = build_model(config.model, 7)
+  fresh = model.init(jax.random.key(0), np.zeros((1, 128, 128, 3), np.float32))
+  loaded, source = init_from.load(config, model, fresh)
+  assert "a new head" in source
+  reference = import_weights.load_reference(fixture, "timm_swin", build_model(
+      {**config.model, "window_size": 4, "shift_size": 2}, 7), 32, new_head=True)
+  flat_loaded = traverse_util.flatten_dict(loaded)
+  tables = 0
+  for path, value in traverse_util.flatten_dict(reference).items():
+    if path[:2] == ("params", "head"):
+      continue
+    if path[-1] == "relative_position_bias_table":
+      tables += 1
+      assert value.shape[0] == 49 and flat_loaded[path].shape[0] == 225
+      np.testing.assert_allclose(flat_loaded[path], init_from.resize_relative_bias_table(
+          np.asarray(value), 225), rtol=1e-6)
+    else:
+      np.testing.assert_array_equal(flat_loaded[path], value)
+  assert tables == 4

@@ -7,6 +7,9 @@
 - The project installs the way the notebooks' first cell does (`install_command`, with a
   local file URL instead of GitHub) into a fresh virtual environment outside the
   repository, and every import the notebooks make works there, `configs` included.
+- There, from a folder outside the repository, the complexity notebook runs (its cached
+  sweep ships in the package) and the attention-maps notebook runs at the size it picks on a
+  CPU runtime; that run replaces its run at the tests' size in the checkout.
 
     uv run pytest tests/test_notebooks.py -q
 """
@@ -70,7 +73,12 @@ def test_readme_has_a_colab_badge_per_notebook():
            f"({link})" in readme, link
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+# attention_maps.ipynb runs at its larger CPU size, installed, in
+# test_notebooks_run_from_the_installed_package_outside_the_repository.
+IN_CHECKOUT = [path for path in NOTEBOOKS if os.path.basename(path) != "attention_maps.ipynb"]
+
+
+@pytest.mark.parametrize("path", IN_CHECKOUT, ids=os.path.basename)
 def test_notebook_runs(path, monkeypatch):
   from nbclient import NotebookClient
 
@@ -126,7 +134,11 @@ def _install_command(source: str) -> list[str]:
   return namespace["install_command"](source, "cpu")
 
 
-def test_the_install_cell_gives_every_notebook_import_in_a_fresh_venv(tmp_path):
+@pytest.fixture(scope="module")
+def fresh_venv(tmp_path_factory):
+  """(python, env) of a fresh virtual environment outside the repository, into which the
+  project was installed as the first cell installs it (plus a Jupyter kernel and nbclient,
+  to run notebooks there)."""
   uv = shutil.which("uv")
   assert uv, "uv is needed to build the fresh environment (pip install uv)"
   command = _install_command(f"file://{ROOT}")
@@ -134,21 +146,26 @@ def test_the_install_cell_gives_every_notebook_import_in_a_fresh_venv(tmp_path):
   requirement = command[-1]
   assert requirement == f"efficient-vit @ file://{ROOT}", requirement
 
+  tmp_path = tmp_path_factory.mktemp("fresh")
   # Versions pinned to uv.lock, so that the install comes out of uv's cache.
   constraints = tmp_path / "constraints.txt"
-  subprocess.run([uv, "export", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project",
+  subprocess.run([uv, "export", "--frozen", "--no-hashes", "--no-emit-project",
                   "--quiet", "-o", str(constraints)], cwd=ROOT, check=True)
   venv = tmp_path / "venv"
   env = {k: v for k, v in os.environ.items()
-         if k not in ("VIRTUAL_ENV", "PYTHONPATH", "UV_PROJECT_ENVIRONMENT")}
+         if k not in ("VIRTUAL_ENV", "PYTHONPATH", "UV_PROJECT_ENVIRONMENT", "XLA_FLAGS")}
   subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True,
                  cwd=tmp_path, env=env)
   python = str(venv / "bin" / "python")
   # --refresh-package: rebuild the wheel from the working tree, not a cached older build.
   subprocess.run([uv, "pip", "install", "--quiet", "--python", python, "-c", str(constraints),
-                  "--refresh-package", "efficient-vit", requirement], check=True, cwd=tmp_path,
-                 env=env)
+                  "--refresh-package", "efficient-vit", requirement, "ipykernel", "nbclient",
+                  "nbformat"], check=True, cwd=tmp_path, env=env)
+  return python, env
 
+
+def test_the_install_cell_gives_every_notebook_import_in_a_fresh_venv(fresh_venv, tmp_path):
+  python, env = fresh_venv
   imports = _notebook_imports()
   script = "\n".join(imports + [
       "import configs, efficient_vit, os",
@@ -162,3 +179,45 @@ def test_the_install_cell_gives_every_notebook_import_in_a_fresh_venv(tmp_path):
                           text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
   assert "imports ok" in result.stdout
+
+
+# Runs notebooks (argv) in the current directory with the Python it runs under.
+_RUN_NOTEBOOKS = """
+import sys, time
+import nbformat
+from nbclient import NotebookClient
+for name in sys.argv[1:]:
+  start = time.time()
+  notebook = nbformat.read(name, as_version=4)
+  NotebookClient(notebook, timeout=1200, kernel_name="python3",
+                 resources={"metadata": {"path": "."}}).execute()
+  outputs = [o.get("text", "") for c in notebook.cells if c.cell_type == "code"
+             for o in c.get("outputs", [])]
+  print(f"{name}: {time.time() - start:.0f} s")
+  print("".join(outputs))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "cifar10")),
+                    reason="the real CIFAR-10 copy (../shared/tensorflow_datasets) is missing")
+def test_notebooks_run_from_the_installed_package_outside_the_repository(fresh_venv, tmp_path):
+  """The attention-maps notebook at the size it picks on a CPU runtime (not the tests'
+  tiny one) and the complexity notebook, copied without anything beside them into a folder
+  outside the repository, run with the installed package: its cached sweep ships in it."""
+  python, env = fresh_venv
+  names = ["complexity.ipynb", "attention_maps.ipynb"]
+  for name in names:
+    shutil.copy(os.path.join(NOTEBOOK_DIR, name), tmp_path / name)
+  figures = tmp_path / "figures"
+  env = dict(env, TFDS_DATA_DIR=SHARED_DATA, MPLBACKEND="Agg",
+             EFFICIENT_VIT_FIGURES=str(figures), XLA_FLAGS="--xla_backend_optimization_level=0 "
+             "--xla_llvm_disable_expensive_passes=true")
+  env.pop("EFFICIENT_VIT_SMALL", None)
+  run = subprocess.run([python, "-c", _RUN_NOTEBOOKS, *names], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=1800)
+  assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+  print(run.stdout)
+  assert "vit (cpu size): 100 steps" in run.stdout
+  for name in names:
+    for figure in EXPECTED_FIGURES[name]:
+      assert (figures / figure).exists(), figure
