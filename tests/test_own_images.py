@@ -278,18 +278,13 @@ def test_predict_refuses_a_missing_workdir_in_one_line(tmp_path):
 
 
 def readme_block(marker: str) -> str:
-  """The code block after `<!-- MARKER -->` in README.md, or (until the section moves
-  there) in notes/README_37.md."""
-  for name in ("README.md", os.path.join("notes", "README_37.md")):
-    path = os.path.join(ROOT, name)
-    if os.path.isfile(path):
-      with open(path, encoding="utf-8") as f:
-        text = f.read()
-      tag = f"<!-- {marker} -->"
-      if tag in text:
-        block = text.split(tag, 1)[1].split("```", 2)[1]
-        return block.split("\n", 1)[1]  # Without the fence's language line.
-  raise AssertionError(f"no {marker!r} section in README.md or notes/README_37.md")
+  """The code block after `<!-- MARKER -->` in README.md."""
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  tag = f"<!-- {marker} -->"
+  assert tag in text, f"no {marker!r} section in README.md"
+  block = text.split(tag, 1)[1].split("```", 2)[1]
+  return block.split("\n", 1)[1]  # Without the fence's language line.
 
 
 # Runs a README snippet as its reader would (argv: export dir, files) in a process where JAX
