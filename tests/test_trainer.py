@@ -37,8 +37,9 @@ def _expect_refused(config, tmp_path, message):
 
 
 # One test per validation rule; each message names the field. Model sizes are checked by
-# tracing the model in `train.build`, so these need no data: INFO stands in for the
-# dataset through `train.build` and the trainer is refused before it reads anything.
+# efficient_vit/validation.py (tests/test_validation.py has the full table), so these need
+# no data: INFO stands in for the dataset through `train.build` and the trainer is refused
+# before it reads anything.
 
 
 @pytest.fixture
@@ -50,7 +51,8 @@ def refuse(monkeypatch, tmp_path):
 def test_image_size_not_divisible_by_the_patch(refuse):
   from configs import vit
   refuse(_config(vit, "tiny_cifar10", patch_size=5),
-         message=r"model.patch_size=5 must divide the image size 32x32 \(config.image_size\)")
+         message=r"config.model.patch_size=5; allowed: a side that divides "
+         r"config.image_size=32")
 
 
 def test_image_size_not_divisible_by_the_window(refuse):
@@ -58,27 +60,31 @@ def test_image_size_not_divisible_by_the_window(refuse):
   config = _config(swin, "keras")
   config.image_size = 36  # 36 / patch 2 = 18 tokens a side; the window (2) divides it...
   config.model.window_size = 4  # ...this one does not.
-  refuse(config, message="model.window_size=4 does not divide")
+  refuse(config, message="config.model.window_size=4; allowed: a window that divides every "
+         "stage's feature map: stage 0 sees 18x18")
 
 
 def test_heads_not_dividing_the_width(refuse):
   from configs import vit
   refuse(_config(vit, "tiny_cifar10", num_heads=3),
-         message="model.num_heads=3 must divide the width 128")
+         message="config.model.num_heads=3; allowed: a number of heads that divides "
+         "config.model.embed_dim=128")
 
 
 def test_impossible_latent_sizes(refuse):
   from configs import perceiver
   config = _config(perceiver, "keras", latent_heads=5, latent_head_dim=None)
-  refuse(config, message="model.latent_heads=5 must divide model.latent_dim=256")
+  refuse(config, message="config.model.latent_heads=5; allowed: a number of heads that "
+         "divides config.model.latent_dim=256")
   config.model.update(latent_heads=1, num_latents=0)
-  refuse(config, message="model.num_latents=0 and model.latent_dim=")
+  refuse(config, message="config.model.num_latents=0; allowed: a positive integer")
 
 
 def test_impossible_memory_sizes(refuse):
   from configs import eanet
   config = _config(eanet, "keras", dim_coefficient=1000, memory_units=None)
-  refuse(config, message=r"model.memory_units=None: width // dim_coefficient = \d+ // 1000")
+  refuse(config, message=r"config.model.dim_coefficient=1000; allowed: at most "
+         r"config.model.embed_dim=64")
 
 
 def test_eval_batch_not_divisible_over_the_devices(refuse, tiny_vit_config):
