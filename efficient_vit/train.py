@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -755,6 +756,9 @@ class Preempted(Exception):
 class CheckpointSaveError(OSError):
   """A checkpoint could not be written (a full disk); the earlier ones are intact."""
 
+  def __str__(self):
+    return self.strerror
+
 
 # Errors of the input (config, files, dataset) that launch.py reports in one line when they
 # arrive before the first train step (`before_first_step`).
@@ -800,7 +804,11 @@ def _latest_step(checkpoint_dir: str) -> int | None:
 
 
 def _bytes_needed(tree) -> int:
-  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+  """About what a checkpoint of `tree` takes on disk: its arrays (compression saves ~7% on
+  trained float32), plus Orbax's metadata (measured: ~70 KiB, and 1.5-5 KiB per leaf)."""
+  leaves = jax.tree.leaves(tree)
+  return (sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+          + 64 * 1024 + 6 * 1024 * len(leaves))
 
 
 def _check_free_space(checkpoint_dir: str, step: int, needed: int) -> None:
@@ -814,19 +822,25 @@ def _check_free_space(checkpoint_dir: str, step: int, needed: int) -> None:
 
 def _save_error(error: BaseException, checkpoint_dir: str, step: int,
                 needed: int) -> BaseException | None:
-  """A `CheckpointSaveError` for an OSError (full disk, quota, read-only) anywhere in the
-  chain of `error` raised by Orbax while writing step `step`; None for any other error."""
+  """A `CheckpointSaveError` for a full disk, quota or read-only file system anywhere in
+  the chain of `error` raised by Orbax while writing step `step` (an OSError, or
+  TensorStore's ValueError with its `os_error_code`); None for any other error."""
   seen = error
   while seen is not None:
-    if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
-                                                    errno.EIO):
+    code = seen.errno if isinstance(seen, OSError) else None
+    found = _TENSORSTORE_OS_ERROR.search(str(seen))
+    code = code or (int(found[1]) if found else None)
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
       return CheckpointSaveError(
-          seen.errno, f"saving the checkpoint of step {step} in {checkpoint_dir} failed: "
-          f"{os.strerror(seen.errno)} (it needs about {needed:,} bytes, "
+          code, f"saving the checkpoint of step {step} in {checkpoint_dir} failed: "
+          f"{os.strerror(code)} (it needs about {needed:,} bytes, "
           f"{shutil.disk_usage(checkpoint_dir).free:,} are free); the earlier checkpoints "
           "are intact")
     seen = seen.__cause__ or seen.__context__
   return None
+
+
+_TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='(\d+)'")
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

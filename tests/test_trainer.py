@@ -147,6 +147,43 @@ def test_a_nan_loss_stops_the_run_at_its_step(tiny_vit_config, tmp_path, monkeyp
   assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "train"] == [1, 2, 3, 4]
 
 
+def _overflow_update(monkeypatch, at_step):
+  """Makes the `at_step`-th update (1-based) infinite: the loss and gradient stay finite,
+  the updated parameters do not (as a learning rate beyond float32 would)."""
+  import optax
+
+  from efficient_vit import optim
+  real = optim.make_optimizer
+
+  def make_optimizer(*args, **kwargs):
+    tx, schedule = real(*args, **kwargs)
+    blow_up = optax.scale_by_schedule(
+        lambda count: jnp.where(count == at_step - 1, jnp.inf, 1.0).astype(jnp.float32))
+    return optax.chain(tx, blow_up), schedule
+
+  monkeypatch.setattr(optim, "make_optimizer", make_optimizer)
+
+
+def test_an_update_that_makes_a_parameter_infinite_stops_the_run_at_its_step(
+    tiny_vit_config, tmp_path, monkeypatch):
+  _overflow_update(monkeypatch, at_step=5)
+  tiny_vit_config.update(checkpoint_every_steps=1, num_train_steps=8, keep_checkpoints=10)
+  with tfds.testing.mock_data(num_examples=24):
+    with pytest.raises(train.NonFiniteError,
+                       match=r"^step 5: the updated parameters or optimizer state are not "
+                       "finite"):
+      train.train_and_evaluate(tiny_vit_config, tmp_path)
+  import orbax.checkpoint as ocp
+  with ocp.CheckpointManager(os.fspath(tmp_path / "checkpoints")) as manager:
+    assert manager.all_steps() == [1, 2, 3, 4]
+    for step in manager.all_steps():
+      state = manager.restore(step)["train"]["state"]
+      assert all(np.isfinite(x).all() for x in jax.tree.leaves(state)), step
+  train_records = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
+  assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in train_records)
+
+
 def test_skip_drops_the_nan_step_and_counts_it(tiny_vit_config, tmp_path, monkeypatch):
   _poison_step(monkeypatch, at_step=2)
   tiny_vit_config.update(nonfinite="skip", num_train_steps=4, log_every_steps=2)
