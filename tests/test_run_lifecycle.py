@@ -33,13 +33,13 @@ with tfds.testing.mock_data(num_examples=24):
 """
 
 
-def _launch(workdir, steps):
+def _launch(workdir, steps, checkpoint_every=1_000_000):
   args = [sys.executable, "-c", _LAUNCH, "--config=configs/vit.py:tiny_cifar10",
           f"--workdir={workdir}", "--config.model.embed_dim=16", "--config.model.depth=1",
           "--config.model.patch_size=8", "--config.model.mlp_dim=16", "--config.batch_size=8",
           f"--config.num_train_steps={steps}", "--config.optimizer.warmup_steps=0",
           "--config.log_every_steps=1", "--config.eval_every_steps=1000000",
-          "--config.checkpoint_every_steps=1000000", "--config.input_pipeline=tfdata"]
+          f"--config.checkpoint_every_steps={checkpoint_every}", "--config.input_pipeline=tfdata"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -67,6 +67,35 @@ def test_sigterm_finishes_the_step_saves_and_exits_with_143(tmp_path):
   run = _launch(tmp_path, step + 2)
   out, _ = run.communicate(timeout=240)
   assert run.returncode == 0 and f"resumed from step {step}" in out, out[-3000:]
+
+
+def test_two_launches_on_one_workdir(tmp_path):
+  """The second launch is refused while the first trains (exit 75, one line naming it, its
+  files untouched); after a SIGKILL of the first the next launch takes over and resumes."""
+  import socket
+
+  from efficient_vit import run_lock
+  first = _launch(tmp_path, 1_000_000, checkpoint_every=2)
+  deadline = time.time() + 240
+  while time.time() < deadline and first.poll() is None and not (
+      os.path.exists(tmp_path / "checkpoints" / "2")):
+    time.sleep(0.2)
+  assert first.poll() is None, first.communicate()[0][-3000:]
+  second = _launch(tmp_path, 4)
+  out, _ = second.communicate(timeout=240)
+  lines = [line for line in out.splitlines() if line.startswith("error:")]
+  assert second.returncode == 75 and len(lines) == 1, out[-3000:]
+  assert "Traceback" not in out
+  assert f"is in use by another run (pid {first.pid} on host {socket.gethostname()}" in lines[0]
+  assert first.poll() is None  # The first run went on training.
+  first.send_signal(signal.SIGKILL)
+  first.communicate()
+  trained = max(r["step"] for r in read_metrics(tmp_path))
+  third = _launch(tmp_path, trained + 2, checkpoint_every=2)
+  out, _ = third.communicate(timeout=240)
+  assert third.returncode == 0, out[-3000:]
+  assert "resumed from step" in out
+  assert not (tmp_path / run_lock.LOCK_NAME).exists()
 
 
 def test_a_resumed_run_keeps_its_input_pipeline(tiny_vit_config, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """One run per workdir (efficient_vit/run_lock.py): a second run is refused while the first
-lives, naming it; the lock of a killed run is taken over; nothing is left behind."""
+lives, naming it; the lock of a killed run is taken over; nothing is left behind. (Two real
+launches on one workdir: tests/test_run_lifecycle.py.)"""
 
 import errno
 import fcntl
@@ -9,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -81,54 +81,3 @@ def test_without_working_flock_a_dead_holder_on_this_host_is_stale(tmp_path, mon
   with pytest.raises(run_lock.WorkdirBusy, match="on host another-host"):
     with run_lock.RunLock(tmp_path):  # Another host's pid cannot be checked: refused.
       pass
-
-
-_MOCK_LAUNCH = """
-import sys
-import tensorflow_datasets as tfds
-from absl import app
-sys.argv = ["launch.py"] + sys.argv[1:]
-import launch
-with tfds.testing.mock_data(num_examples=24):
-  app.run(launch.main, flags_parser=launch.parse_flags)
-"""
-
-
-def _launch(workdir, steps):
-  args = [sys.executable, "-c", _MOCK_LAUNCH, "--config=configs/vit.py:tiny_cifar10",
-          f"--workdir={workdir}", "--config.model.embed_dim=16", "--config.model.depth=1",
-          "--config.model.patch_size=8", "--config.model.mlp_dim=16", "--config.batch_size=8",
-          f"--config.num_train_steps={steps}", "--config.optimizer.warmup_steps=0",
-          "--config.log_every_steps=1", "--config.eval_every_steps=1000000",
-          "--config.checkpoint_every_steps=2", "--config.input_pipeline=tfdata"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-
-
-def test_two_launches_on_one_workdir(tmp_path):
-  """The second launch is refused while the first trains (exit 75, one line naming it, its
-  files untouched); after a SIGKILL of the first the next launch takes over and resumes."""
-  from efficient_vit.metric_logging import read_metrics
-
-  first = _launch(tmp_path, 1_000_000)
-  deadline = time.time() + 240
-  while time.time() < deadline and first.poll() is None and not (
-      os.path.exists(tmp_path / "checkpoints" / "2")):
-    time.sleep(0.2)
-  assert first.poll() is None, first.communicate()[1][-3000:]
-  second = _launch(tmp_path, 4)
-  _, err = second.communicate(timeout=240)
-  lines = [line for line in err.splitlines() if line.startswith("error:")]
-  assert second.returncode == 75 and len(lines) == 1, err[-3000:]
-  assert "Traceback" not in err
-  assert f"is in use by another run (pid {first.pid} on host {socket.gethostname()}" in lines[0]
-  assert first.poll() is None  # The first run went on training.
-  first.send_signal(signal.SIGKILL)
-  first.communicate()
-  trained = max(r["step"] for r in read_metrics(tmp_path))
-  third = _launch(tmp_path, trained + 2)
-  out, err = third.communicate(timeout=240)
-  assert third.returncode == 0, err[-3000:]
-  assert "resumed from step" in out
-  assert not (tmp_path / run_lock.LOCK_NAME).exists()
