@@ -575,10 +575,15 @@ def validate(config) -> None:
     FAMILIES[name](c, c.get("image_size"))
 
 
+def names_a_field(message: str) -> bool:
+  """Whether `message` starts as `config.FIELD=` or `model.FIELD=` (an error about a value)."""
+  return bool(_NAMES_A_FIELD.match(message))
+
+
 def one_line(error: BaseException) -> str:
   """The message of an input error as launch.py prints it: `config error: FIELD=VALUE;
   allowed: ...` for config fields, the error's own first line otherwise."""
   message = " ".join(str(error).split()) or type(error).__name__
-  if isinstance(error, ConfigError) or _NAMES_A_FIELD.match(message):
+  if isinstance(error, ConfigError) or names_a_field(message):
     return "config error: " + message.removeprefix("config.")
   return "error: " + message

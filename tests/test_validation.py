@@ -381,22 +381,58 @@ def test_what_the_devices_and_the_dataset_refuse_is_one_line_too(tmp_path):
   assert os.listdir(workdir) == []
 
 
+def _refusal(run) -> str:
+  """The one line launch.py prints for what `run()` raises before the first step."""
+  from efficient_vit import train
+  try:
+    run()
+  except train.INPUT_ERRORS as e:
+    line = validation.one_line(e)
+    assert "\n" not in line
+    return line
+  raise AssertionError("accepted")
+
+
 def test_junk_in_a_workdir_is_named_in_one_line(tmp_path, tiny_vit_config):
+  """A checkpoint that cannot be read, or a config.json that is not JSON: one line naming
+  the file, before the first step, and the workdir as it was."""
   from efficient_vit import train
 
-  config = tiny_vit_config
-  checkpoints = tmp_path / "checkpoints"
-  (checkpoints / "2").mkdir(parents=True)
-  (checkpoints / "2" / "_CHECKPOINT_METADATA").write_text("{not json")
-  (tmp_path / "config.json").write_text("{not json")
-  try:
-    with tfds.testing.mock_data(num_examples=8):
-      train.train_and_evaluate(config, tmp_path)
-  except train.INPUT_ERRORS as e:
-    assert train.before_first_step(e)
-    line = validation.one_line(e)
-  else:
-    raise AssertionError("a workdir with junk in it was accepted")
-  assert "\n" not in line and str(tmp_path) in line, line
-  assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json"]
-  assert json.dumps(sorted(os.listdir(checkpoints))) == '["2"]'
+  tiny_vit_config.update(num_train_steps=2, checkpoint_every_steps=2)
+  with tfds.testing.mock_data(num_examples=8):
+    train.train_and_evaluate(tiny_vit_config, tmp_path)
+    tiny_vit_config.num_train_steps = 4
+    (tmp_path / "checkpoints" / "2" / "train" / "_METADATA").write_text("{not json")
+    before = sorted(os.listdir(tmp_path))
+    line = _refusal(lambda: train.train_and_evaluate(tiny_vit_config, tmp_path))
+    assert f"the checkpoint of step 2 in {tmp_path / 'checkpoints'} cannot be read" in line
+    (tmp_path / "config.json").write_text("{not json")
+    line = _refusal(lambda: train.train_and_evaluate(tiny_vit_config, tmp_path))
+    assert f"{tmp_path / 'config.json'} is not the JSON config a run writes" in line
+  assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_reference_checkpoint_that_is_not_what_it_should_be_is_named(tmp_path):
+  """init_from files: junk, a git-lfs pointer, another family's weights: each error names
+  the file."""
+  import jax
+  import jax.numpy as jnp
+
+  from efficient_vit import init_from
+  from efficient_vit.models import build_model
+  config = vit.get_config("s16_imagenet")
+  config.model.update(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
+                      mlp_activation="gelu")
+  config.image_size = 32
+  model = build_model(config.model, 10)
+  fresh = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  junk = tmp_path / "junk.safetensors"
+  junk.write_bytes(b"\x93" * 100)
+  pointer = tmp_path / "vit.pth"
+  pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+  swin = os.path.join(ROOT, "tests", "fixtures", "timm_swin.safetensors")
+  for path, expected in [(junk, "is not a safetensors file"), (pointer, "git-lfs pointer"),
+                         (swin, "does not fit params/patch_embedding")]:
+    config.init_from.update(path=str(path), layout="timm_vit", image_size=32)
+    line = _refusal(lambda: init_from.load(config, model, fresh))
+    assert str(path) in line and expected in line, line
