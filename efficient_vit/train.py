@@ -717,8 +717,8 @@ class _IntervalMetrics:
           grad_norm = float(self.parallel.first(metrics["grad_norm"]))
           what = (f"the loss ({loss}) or a gradient is not finite"
                   if not (math.isfinite(loss) and math.isfinite(grad_norm)) else
-                  "the updated parameters or optimizer state are not finite (the update "
-                  "overflowed)")
+                  "the updated parameters or optimizer state are not finite, or too large "
+                  "for float32 (the update overflowed)")
           raise NonFiniteError(
               f"step {step}: {what}; stopping before anything of this step is saved. Lower "
               "optimizer.learning_rate, clip gradients (optimizer.grad_clip_norm), or set "
