@@ -366,19 +366,24 @@ def test_launch_refuses_a_git_lfs_pointer_in_one_line(tmp_path):
   assert not workdir.exists() and seconds < 5
 
 
-def test_what_the_devices_and_the_dataset_refuse_is_one_line_too(tmp_path):
-  """After validation, in the trainer's own checks (JAX and the dataset are needed): still
-  one line, exit status 2 and nothing written, an existing workdir left as it was."""
+def test_what_the_devices_refuse_is_one_line_too(tmp_path):
+  """After validation, in the trainer's own checks (JAX is needed): still one line, exit
+  status 2 and nothing written."""
   workdir = tmp_path / "run"
   run, _ = _launch(workdir, "--config.batch_size=7", mock=True)
   _assert_one_line(run, 2, "config error: batch_size=7 must be a multiple of the number of "
                    "devices")
   assert not workdir.exists()
-  workdir.mkdir()
-  run, _ = _launch(workdir, "--config.model.attention_impl=cudnn",
-                   "--config.optimizer.warmup_steps=0", mock=True)
-  _assert_one_line(run, 2, "config error: model.attention_impl='cudnn' needs an NVIDIA GPU")
-  assert os.listdir(workdir) == []
+
+
+def test_what_the_model_refuses_when_traced_leaves_the_workdir_as_it_was(tmp_path,
+                                                                          tiny_vit_config):
+  from efficient_vit import train
+  tiny_vit_config.model.attention_impl = "cudnn"
+  with tfds.testing.mock_data(num_examples=8):
+    line = _refusal(lambda: train.train_and_evaluate(tiny_vit_config, tmp_path))
+  assert line.startswith("config error: model.attention_impl='cudnn' needs an NVIDIA GPU")
+  assert os.listdir(tmp_path) == []
 
 
 def _refusal(run) -> str:
@@ -436,3 +441,22 @@ def test_a_reference_checkpoint_that_is_not_what_it_should_be_is_named(tmp_path)
     config.init_from.update(path=str(path), layout="timm_vit", image_size=32)
     line = _refusal(lambda: init_from.load(config, model, fresh))
     assert str(path) in line and expected in line, line
+
+
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "tensorflow_datasets")
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "cifar10")),
+                    reason="the real CIFAR-10 copy (../shared/tensorflow_datasets) is missing")
+@pytest.mark.parametrize("field,split", [("eval_split", "validation"),
+                                         ("train_split", "train[50000:]"),
+                                         ("eval_split", "test[10000:]")])
+def test_splits_the_dataset_does_not_have_are_refused_naming_the_field(
+    tiny_vit_config, tmp_path, field, split):
+  """Splits that only the dataset's split info can refuse (issue 37's checks in
+  input_pipeline.dataset_info): one line naming the field, nothing written."""
+  from efficient_vit import train
+  tiny_vit_config.update(data_dir=SHARED_DATA, download=False, **{field: split})
+  line = _refusal(lambda: train.train_and_evaluate(tiny_vit_config, tmp_path / "run"))
+  assert line.startswith(f"config error: {field}='{split}'"), line
+  assert not (tmp_path / "run").exists()
