@@ -485,7 +485,14 @@ class Experiment:
   def warm_start(self, state: TrainState) -> tuple[TrainState, str]:
     """`state` with the weights of `config.init_from` (fitted to this model), a fresh
     optimizer state and the EMA starting from them; and where the weights came from."""
-    variables, source = init_from.load(self.config, self.model, model_variables(state))
+    path, layout = self.config.init_from.path, self.config.init_from.layout
+    try:
+      variables, source = init_from.load(self.config, self.model, model_variables(state))
+    except ValueError as e:  # What the file holds does not fit: the error names the file.
+      if path in str(e) or validation.names_a_field(str(e)):
+        raise
+      raise ValueError(f"config.init_from.path={path!r} (config.init_from.layout="
+                       f"{layout!r}): {e}") from e
     params = variables["params"]
     return state.replace(params=params, batch_stats=variables.get("batch_stats", {}),
                          opt_state=self.tx.init(params),

@@ -420,17 +420,14 @@ def test_junk_in_a_workdir_is_named_in_one_line(tmp_path, tiny_vit_config):
 def test_a_reference_checkpoint_that_is_not_what_it_should_be_is_named(tmp_path):
   """init_from files: junk, a git-lfs pointer, another family's weights: each error names
   the file."""
-  import jax
-  import jax.numpy as jnp
-
-  from efficient_vit import init_from
-  from efficient_vit.models import build_model
+  from efficient_vit import input_pipeline, train
   config = vit.get_config("s16_imagenet")
   config.model.update(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
                       mlp_activation="gelu")
-  config.image_size = 32
-  model = build_model(config.model, 10)
-  fresh = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  config.update(image_size=32, batch_size=8)
+  config.optimizer.warmup_steps = 0
+  info = input_pipeline.DatasetInfo(num_classes=10, num_train_examples=80,
+                                    num_eval_examples=0)
   junk = tmp_path / "junk.safetensors"
   junk.write_bytes(b"\x93" * 100)
   pointer = tmp_path / "vit.pth"
@@ -439,7 +436,12 @@ def test_a_reference_checkpoint_that_is_not_what_it_should_be_is_named(tmp_path)
   for path, expected in [(junk, "is not a safetensors file"), (pointer, "git-lfs pointer"),
                          (swin, "does not fit params/patch_embedding")]:
     config.init_from.update(path=str(path), layout="timm_vit", image_size=32)
-    line = _refusal(lambda: init_from.load(config, model, fresh))
+
+    def start():
+      experiment = train.build(config, info)  # The pointer is refused here already.
+      return experiment.warm_start(experiment.init_state())
+
+    line = _refusal(start)
     assert str(path) in line and expected in line, line
 
 
