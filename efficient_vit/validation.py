@@ -513,6 +513,9 @@ def _mobilevit(c: _Checker, image_size: int) -> None:
   _common_model_fields(c, ("dropout_rate", "attention_dropout_rate", "head_dropout_rate"))
   variant = c.choice("model.variant", CHOICES["mobilevit.variant"])
   c.choice("model.conv_padding", CHOICES["mobilevit.conv_padding"])
+  c.check("model.depthwise_padding", lambda v: v is None or v in CHOICES[
+      "mobilevit.conv_padding"], "None (as conv_padding), "
+          + ", ".join(CHOICES["mobilevit.conv_padding"]))
   for field in ("stem_channels", "expansion", "num_heads", "patch_size", "last_channels"):
     c.integer(f"model.{field}")
   mv2 = c.sizes("model.mv2_depths")

@@ -148,6 +148,7 @@ ROWS = [
     ("mobilevit", {"model.variant": "tiny"}, "model.variant"),
     ("mobilevit", {"model.patch_size": 0}, "model.patch_size"),
     ("mobilevit_keras", {"model.conv_padding": "valid"}, "model.conv_padding"),
+    ("mobilevit_keras", {"model.depthwise_padding": "valid"}, "model.depthwise_padding"),
     # Perceiver.
     ("perceiver", {"model.latent_heads": 5, "model.latent_head_dim": None},
      "model.latent_heads"),
@@ -382,7 +383,7 @@ def test_what_the_model_refuses_when_traced_leaves_the_workdir_as_it_was(tmp_pat
   tiny_vit_config.model.attention_impl = "cudnn"
   with tfds.testing.mock_data(num_examples=8):
     line = _refusal(lambda: train.train_and_evaluate(tiny_vit_config, tmp_path))
-  assert line.startswith("config error: model.attention_impl='cudnn' needs an NVIDIA GPU")
+  assert line.startswith("config error: model.attention_impl='cudnn'") and "NVIDIA GPU" in line
   assert os.listdir(tmp_path) == []
 
 
