@@ -162,21 +162,33 @@ def read_torch_zip(path: str) -> Any:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """name -> numpy array from a .safetensors, .npz or PyTorch .pth / .pt / .bin file."""
+  from efficient_vit import validation  # pylint: disable=import-outside-toplevel
+
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"reference checkpoint {path} does not exist")
+  problem = validation.file_problem(path)  # Empty, a directory, a git-lfs pointer.
+  if problem:
+    raise ValueError(f"reference checkpoint {path}: {problem}")
   suffix = os.path.splitext(path)[1].lower()
-  if suffix == ".safetensors":
-    import safetensors.numpy  # pylint: disable=import-outside-toplevel
-    state = safetensors.numpy.load_file(path)
-  elif suffix == ".npz":
-    with np.load(path, allow_pickle=False) as data:
-      state = {k: data[k] for k in data.files}
-  elif suffix in (".pth", ".pt", ".bin"):
-    state = read_torch_zip(path)
-  else:
+  formats = {".safetensors": "a safetensors file", ".npz": "a numpy .npz archive",
+             ".pth": "a PyTorch zip checkpoint", ".pt": "a PyTorch zip checkpoint",
+             ".bin": "a PyTorch zip checkpoint"}
+  if suffix not in formats:
     raise ValueError(f"reference checkpoint {path}: suffix {suffix!r}; allowed: .safetensors, "
                      ".npz, .pth, .pt, .bin")
+  try:
+    if suffix == ".safetensors":
+      import safetensors.numpy  # pylint: disable=import-outside-toplevel
+      state = safetensors.numpy.load_file(path)
+    elif suffix == ".npz":
+      with np.load(path, allow_pickle=False) as data:
+        state = {k: data[k] for k in data.files}
+    else:
+      state = read_torch_zip(path)
+  except Exception as e:  # pylint: disable=broad-except  # Each reader has its own errors.
+    raise ValueError(f"reference checkpoint {path} is not {formats[suffix]} as its suffix "
+                     f"says ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
   for wrapper in ("model", "state_dict"):
     if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
       state = state[wrapper]

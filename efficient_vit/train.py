@@ -21,12 +21,15 @@ sharded over the devices. Several processes (hosts) run the same code: see READM
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import errno
 import functools
 import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -48,7 +51,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from efficient_vit import (augment, cost, device_input, init_from, input_pipeline, layers,
-                           metric_logging, optim, xla_options)
+                           metric_logging, optim, run_lock, validation, xla_options)
 from efficient_vit.models import build_model
 
 AXIS = "data"
@@ -123,11 +126,14 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
   so every device ends with the same state. `metrics["grad_norm"]` is the global L2 norm of
   the (averaged) gradients, `metrics["finite"]` 1 when the loss and that norm are finite:
   a NaN or infinite gradient anywhere makes the norm so, as does a norm above about 1.8e19
-  (its square overflows float32). The check reads the norm (which gradient clipping
-  computes too) rather than an is-finite test per parameter array, which cost ViT-S/16's
-  train step about a tenth of its compile time (benchmarks/PROFILE.md). With
-  `skip_nonfinite` a step whose check fails leaves the parameters, optimizer state, batch
-  statistics and EMA as they were (the step counter still advances, so the data does too).
+  (its square overflows float32). The updated state is checked the same way: one global
+  norm over the new parameters, optimizer state and batch statistics, so that an update
+  that overflows (a learning rate too large) fails the check even where the gradient was
+  finite. The check reads norms (which gradient clipping computes too) rather than an
+  is-finite test per parameter array, which cost ViT-S/16's train step about a tenth of its
+  compile time (benchmarks/PROFILE.md). With `skip_nonfinite` a step whose check fails
+  leaves the parameters, optimizer state, batch statistics and EMA as they were (the step
+  counter still advances, so the data does too).
 
   With `axis_name=None` the same step is written for the whole global batch (`fsdp`: plain
   `jit`, the compiler inserts the collectives): there is no per-device key and no explicit
@@ -180,7 +186,10 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
     ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
   metrics = _pmean({"loss": loss, "top1": top1}, axis_name)
   metrics["grad_norm"] = optax.tree.norm(grads)  # As optax.clip_by_global_norm: one reduction.
-  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  updated = [x for x in jax.tree.leaves((params, opt_state, batch_stats))
+             if jnp.issubdtype(x.dtype, jnp.inexact)]
+  finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            & jnp.isfinite(optax.tree.norm(updated)))
   metrics["finite"] = finite.astype(jnp.float32)
   metrics["learning_rate"] = schedule(state.step)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -411,34 +420,13 @@ def batch_source(config, parallel: DataParallel, start_step: int = 0):
   return prefetch(input_pipeline.train_batches(config, start_step), parallel.put_batch)
 
 
-def _field(config, name: str):
-  return functools.reduce(getattr, name.split("."), config)
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Clear errors for bad values of the run's own fields (the model's are checked by
-  tracing it, in `build`), before anything is built or written."""
-  choices = {"parallelism": PARALLELISMS, "input_pipeline": INPUT_PIPELINES,
-             "dtype": tuple(DTYPES), "nonfinite": NONFINITE,
-             "optimizer.name": optim.OPTIMIZERS,
-             "optimizer.schedule": optim.SCHEDULES}
-  for field, allowed in choices.items():
-    value = _field(config, field)
-    if value not in allowed:
-      raise ValueError(f"config.{field}={value!r}; allowed: {', '.join(allowed)}")
-  for field in ("batch_size", "image_size", "log_every_steps", "checkpoint_every_steps",
-                "keep_checkpoints"):
-    if _field(config, field) <= 0:
-      raise ValueError(f"config.{field}={_field(config, field)}; allowed: a positive integer")
-  if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise ValueError(f"config.num_epochs={config.num_epochs} with config.num_train_steps="
-                     f"{config.num_train_steps}; allowed: a positive number of epochs, or "
-                     "a positive num_train_steps")
-  if not 0.0 <= config.optimizer.ema_decay < 1.0:
-    raise ValueError(f"config.optimizer.ema_decay={config.optimizer.ema_decay}; allowed: "
-                     "0 (no EMA) or a decay in (0, 1)")
+  """Clear errors for bad values, before anything is built or written: every field's own
+  rules (`validation.validate`, which launch.py also runs before JAX starts), then what
+  depends on the devices. The model's sizes are checked once more by tracing it, in
+  `build`."""
+  validation.validate(config)
   init_from.validate(config.init_from)
-  augment.validate(config)
   input_pipeline.per_host_batch_size(config.batch_size)
   devices = jax.device_count()
   accum = config.optimizer.grad_accum_steps
@@ -497,7 +485,14 @@ class Experiment:
   def warm_start(self, state: TrainState) -> tuple[TrainState, str]:
     """`state` with the weights of `config.init_from` (fitted to this model), a fresh
     optimizer state and the EMA starting from them; and where the weights came from."""
-    variables, source = init_from.load(self.config, self.model, model_variables(state))
+    path, layout = self.config.init_from.path, self.config.init_from.layout
+    try:
+      variables, source = init_from.load(self.config, self.model, model_variables(state))
+    except ValueError as e:  # What the file holds does not fit: the error names the file.
+      if path in str(e) or validation.names_a_field(str(e)):
+        raise
+      raise ValueError(f"config.init_from.path={path!r} (config.init_from.layout="
+                       f"{layout!r}): {e}") from e
     params = variables["params"]
     return state.replace(params=params, batch_stats=variables.get("batch_stats", {}),
                          opt_state=self.tx.init(params),
@@ -600,8 +595,16 @@ def _check_workdir(config, workdir: str, has_checkpoint: bool) -> dict | None:
   path = os.path.join(workdir, "config.json")
   if not (has_checkpoint and os.path.exists(path)):
     return None
-  with open(path, encoding="utf-8") as f:
-    saved_config = json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved_config = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not the JSON config a run writes ({e}); allowed: a workdir "
+                     "written by launch.py, or a new --workdir") from e
+  if not isinstance(saved_config, dict):
+    raise ValueError(f"{path} is not the JSON config a run writes (a "
+                     f"{type(saved_config).__name__}); allowed: a workdir written by "
+                     "launch.py, or a new --workdir")
   saved = _shaping_fields(saved_config)
   current = _shaping_fields(json.loads(config.to_json_best_effort()))
   for field in _CHECKPOINT_SHAPING_FIELDS:
@@ -687,7 +690,8 @@ def evaluate_split(parallel: DataParallel, variables: dict,
 
 
 class NonFiniteError(FloatingPointError):
-  """The loss or a gradient became NaN or infinite (config.nonfinite='stop')."""
+  """The loss, a gradient or the updated state became NaN or infinite
+  (config.nonfinite='stop')."""
 
 
 class _IntervalMetrics:
@@ -717,10 +721,15 @@ class _IntervalMetrics:
       if self.parallel.first(metrics["finite"]) < 1.0:
         if self.nonfinite == "stop":
           loss = float(self.parallel.first(metrics["loss"]))
+          grad_norm = float(self.parallel.first(metrics["grad_norm"]))
+          what = (f"the loss ({loss}) or a gradient is not finite"
+                  if not (math.isfinite(loss) and math.isfinite(grad_norm)) else
+                  "the updated parameters or optimizer state are not finite, or too large "
+                  "for float32 (the update overflowed)")
           raise NonFiniteError(
-              f"step {step}: the loss ({loss}) or a gradient is not finite; stopping before "
-              "anything of this step is saved. Lower optimizer.learning_rate, clip gradients "
-              "(optimizer.grad_clip_norm), or set config.nonfinite='skip' to skip such steps.")
+              f"step {step}: {what}; stopping before anything of this step is saved. Lower "
+              "optimizer.learning_rate, clip gradients (optimizer.grad_clip_norm), or set "
+              "config.nonfinite='skip' to skip such steps.")
         self.nonfinite_steps += 1
     self.checked = max(self.checked, upto)
 
@@ -738,12 +747,111 @@ class _IntervalMetrics:
     return out
 
 
+class Preempted(Exception):
+  """SIGTERM stopped the run: after saving step `step`, or (`step` None) before its first
+  step, with nothing to save. The same command resumes it."""
+
+  def __init__(self, step: int | None, total_steps: int):
+    self.step, self.total_steps = step, total_steps
+    super().__init__(
+        f"SIGTERM: saved step {step} of {total_steps} and stopped; the same command resumes "
+        "the run" if step is not None else
+        "SIGTERM before the first step: stopped, nothing trained or saved; the same command "
+        "starts the run")
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (a full disk); the earlier ones are intact."""
+
+  def __str__(self):
+    return self.strerror
+
+
+# Errors of the input (config, files, dataset) that launch.py reports in one line when they
+# arrive before the first train step (`before_first_step`).
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def before_first_step(error: BaseException) -> bool:
+  """Whether `train_and_evaluate` raised `error` before its first train step."""
+  return getattr(error, "_before_first_step", False)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
   Returns the metrics of the final evaluation (with `ema_`-prefixed copies for the EMA
-  parameters when optimizer.ema_decay > 0).
+  parameters when optimizer.ema_decay > 0). Raises `Preempted` when SIGTERM stopped it,
+  `run_lock.WorkdirBusy` when another live run holds `workdir`, `NonFiniteError`,
+  `CheckpointSaveError`; a ValueError or FileNotFoundError raised before the first step
+  (a bad config value or input file) is marked so (`before_first_step`).
   """
+  started = []  # Appended to when the first train step has been dispatched.
+  with contextlib.ExitStack() as cleanup:
+    try:
+      return _train_and_evaluate(config, workdir, cleanup, started)
+    except INPUT_ERRORS as e:
+      if not started:
+        e._before_first_step = True  # pylint: disable=protected-access
+      raise
+
+
+def _latest_step(checkpoint_dir: str) -> int | None:
+  """The latest complete checkpoint's step; an error naming the folder when what is there
+  cannot be read as checkpoints."""
+  if not os.path.isdir(checkpoint_dir):
+    return None
+  try:
+    with ocp.CheckpointManager(checkpoint_dir) as reader:
+      return reader.latest_step()
+  except (ValueError, OSError, KeyError, TypeError) as e:
+    raise ValueError(f"{checkpoint_dir} holds something that is not this project's "
+                     f"checkpoints ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                     "allowed: a workdir written by launch.py, or a new --workdir") from e
+
+
+def _bytes_needed(tree) -> int:
+  """About what a checkpoint of `tree` takes on disk: its arrays (compression saves ~7% on
+  trained float32), plus Orbax's metadata (measured: ~70 KiB, and 1.5-5 KiB per leaf)."""
+  leaves = jax.tree.leaves(tree)
+  return (sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+          + 64 * 1024 + 6 * 1024 * len(leaves))
+
+
+def _check_free_space(checkpoint_dir: str, step: int, needed: int) -> None:
+  free = shutil.disk_usage(checkpoint_dir).free
+  if free < needed:
+    raise CheckpointSaveError(
+        errno.ENOSPC, f"no space to save the checkpoint of step {step} in {checkpoint_dir}: "
+        f"it needs about {needed:,} bytes, {free:,} are free; the earlier checkpoints are "
+        "intact (free space, or use another --workdir, and run the same command to resume)")
+
+
+def _save_error(error: BaseException, checkpoint_dir: str, step: int,
+                needed: int) -> BaseException | None:
+  """A `CheckpointSaveError` for a full disk, quota or read-only file system anywhere in
+  the chain of `error` raised by Orbax while writing step `step` (an OSError, or
+  TensorStore's ValueError with its `os_error_code`); None for any other error."""
+  seen = error
+  while seen is not None:
+    code = seen.errno if isinstance(seen, OSError) else None
+    found = _TENSORSTORE_OS_ERROR.search(str(seen))
+    code = code or (int(found[1]) if found else None)
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+      return CheckpointSaveError(
+          code, f"saving the checkpoint of step {step} in {checkpoint_dir} failed: "
+          f"{os.strerror(code)} (it needs about {needed:,} bytes, "
+          f"{shutil.disk_usage(checkpoint_dir).free:,} are free); the earlier checkpoints "
+          "are intact")
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
+_TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='(\d+)'")
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        cleanup: contextlib.ExitStack, started: list) -> dict:
   experiment = build(config)  # Every validation happens here, before anything is written.
   if experiment.attention and jax.process_index() == 0:
     print(f"attention: {attention_summary(experiment.attention)}", flush=True)
@@ -753,10 +861,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)  # Orbax needs absolute paths.
   checkpoint = {"state": experiment.abstract_state(), "rng": _local_value(experiment.rng)}
   checkpoint_dir = os.path.join(workdir, "checkpoints")
-  latest = None
-  if os.path.isdir(checkpoint_dir):
-    with ocp.CheckpointManager(checkpoint_dir) as reader:
-      latest = reader.latest_step()
+  main_process = jax.process_index() == 0
+  # One run per workdir, taken before anything in it is read for resuming or written: a
+  # second launch is refused while this one lives. Process 0 holds it for all processes.
+  busy = None
+  if main_process:
+    try:
+      cleanup.enter_context(run_lock.RunLock(workdir))
+    except run_lock.WorkdirBusy as e:
+      busy = e
+  if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(
+      np.int32(busy is not None)):
+    busy = busy or run_lock.WorkdirBusy(f"workdir {workdir} is in use by another run "
+                                        "(process 0 was refused its lock)")
+  if busy is not None:
+    raise busy
+  latest = _latest_step(checkpoint_dir)
   saved_config = _check_workdir(config, workdir, latest is not None)
   config = config.copy_and_resolve_references()  # The resolved config, as config.json has it.
   config.input_pipeline = _input_pipeline_of_run(config, saved_config)
@@ -771,8 +891,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpoint_dir,
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=True))
-  main_process = jax.process_index() == 0
-  if main_process:  # What a SIGKILL left half-written (never a checkpoint: Orbax skips it).
+  # What a SIGKILL left half-written (never a checkpoint: Orbax skips it). Under the lock:
+  # no live run's save in progress is ever removed.
+  if main_process:
     for name in os.listdir(checkpoint_dir):
       if ".orbax-checkpoint-tmp" in name:
         shutil.rmtree(os.path.join(checkpoint_dir, name), ignore_errors=True)
@@ -784,8 +905,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  "rng": parallel.replicated}
     abstract = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(
         x.shape, x.dtype, sharding=sharding), checkpoint, shardings)
-    checkpoint = manager.restore(latest, args=ocp.args.Composite(
-        train=ocp.args.StandardRestore(abstract)))["train"]
+    try:
+      checkpoint = manager.restore(latest, args=ocp.args.Composite(
+          train=ocp.args.StandardRestore(abstract)))["train"]
+    except (ValueError, OSError, KeyError, TypeError) as e:
+      raise ValueError(
+          f"the checkpoint of step {latest} in {checkpoint_dir} cannot be read "
+          f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); allowed: a checkpoint "
+          f"this project wrote (move {os.path.join(checkpoint_dir, str(latest))} away to "
+          "resume from the one before it), or a new --workdir") from e
     logging.info("Resumed from step %d of %s.", latest, workdir)
     if main_process:
       print(f"resumed from step {latest}", flush=True)
@@ -823,17 +951,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def save(step: int) -> None:
     interval.check_all()  # Never a checkpoint with a non-finite value in it.
-    manager.save(step, args=ocp.args.Composite(train=ocp.args.StandardSave(
-        {"state": parallel.get_state(state), "rng": saved_rng})))
+    item = {"state": parallel.get_state(state), "rng": saved_rng}
+    needed = _bytes_needed(item)
+    try:
+      manager.wait_until_finished()  # The previous save's error, if any, surfaces here...
+    except Exception as e:  # pylint: disable=broad-except
+      raise _save_error(e, checkpoint_dir, saving[0], needed) or e
+    _check_free_space(checkpoint_dir, step, needed)  # ...and this one is refused early.
+    saving[:] = [step, needed]
+    try:
+      manager.save(step, args=ocp.args.Composite(train=ocp.args.StandardSave(item)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise _save_error(e, checkpoint_dir, step, needed) or e
+
+  saving = [None, 0]  # The step and size of the save in flight.
 
   progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=1.0)
-  eval_metrics = {}
+  eval_metrics, preempted = {}, None
   timer_step, timer_start = None, None
   try:
     with _Preemption() as preemption:
       for step in range(start_step, total_steps):
         state, metrics = parallel.train_step(state, next(batches), rng)
+        if not started:
+          started.append(step)
+          if preemption.requested:  # SIGTERM while the first step compiled: not taken.
+            raise Preempted(None, total_steps)
         if parallel.block_each_step:
           jax.block_until_ready(metrics)
         done = step + 1
@@ -860,14 +1004,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if done % config.checkpoint_every_steps == 0 or done == total_steps or stop:
           save(done)
         if stop and done < total_steps:
-          progress.write(f"SIGTERM: saved step {done} of {total_steps} and stopped; the same "
-                         "command resumes the run")
+          preempted = Preempted(done, total_steps)
           break
     if start_step >= total_steps and not eval_metrics:
       eval_metrics = evaluate(start_step)
   finally:
     progress.close()
-    manager.wait_until_finished()  # A save in flight completes even when the run stops.
-    manager.close()
-    logger.close()
+    try:
+      manager.wait_until_finished()  # A save in flight completes even when the run stops.
+    except Exception as e:  # pylint: disable=broad-except
+      error = _save_error(e, checkpoint_dir, saving[0], saving[1])
+      if error is None:
+        raise
+      raise error from None
+    finally:
+      manager.close()
+      logger.close()
+  if preempted is not None:
+    raise preempted
   return eval_metrics

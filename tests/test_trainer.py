@@ -37,8 +37,9 @@ def _expect_refused(config, tmp_path, message):
 
 
 # One test per validation rule; each message names the field. Model sizes are checked by
-# tracing the model in `train.build`, so these need no data: INFO stands in for the
-# dataset through `train.build` and the trainer is refused before it reads anything.
+# efficient_vit/validation.py (tests/test_validation.py has the full table), so these need
+# no data: INFO stands in for the dataset through `train.build` and the trainer is refused
+# before it reads anything.
 
 
 @pytest.fixture
@@ -50,7 +51,8 @@ def refuse(monkeypatch, tmp_path):
 def test_image_size_not_divisible_by_the_patch(refuse):
   from configs import vit
   refuse(_config(vit, "tiny_cifar10", patch_size=5),
-         message=r"model.patch_size=5 must divide the image size 32x32 \(config.image_size\)")
+         message=r"config.model.patch_size=5; allowed: a side that divides "
+         r"config.image_size=32")
 
 
 def test_image_size_not_divisible_by_the_window(refuse):
@@ -58,27 +60,31 @@ def test_image_size_not_divisible_by_the_window(refuse):
   config = _config(swin, "keras")
   config.image_size = 36  # 36 / patch 2 = 18 tokens a side; the window (2) divides it...
   config.model.window_size = 4  # ...this one does not.
-  refuse(config, message="model.window_size=4 does not divide")
+  refuse(config, message="config.model.window_size=4; allowed: a window that divides every "
+         "stage's feature map: stage 0 sees 18x18")
 
 
 def test_heads_not_dividing_the_width(refuse):
   from configs import vit
   refuse(_config(vit, "tiny_cifar10", num_heads=3),
-         message="model.num_heads=3 must divide the width 128")
+         message="config.model.num_heads=3; allowed: a number of heads that divides "
+         "config.model.embed_dim=128")
 
 
 def test_impossible_latent_sizes(refuse):
   from configs import perceiver
   config = _config(perceiver, "keras", latent_heads=5, latent_head_dim=None)
-  refuse(config, message="model.latent_heads=5 must divide model.latent_dim=256")
+  refuse(config, message="config.model.latent_heads=5; allowed: a number of heads that "
+         "divides config.model.latent_dim=256")
   config.model.update(latent_heads=1, num_latents=0)
-  refuse(config, message="model.num_latents=0 and model.latent_dim=")
+  refuse(config, message="config.model.num_latents=0; allowed: a positive integer")
 
 
 def test_impossible_memory_sizes(refuse):
   from configs import eanet
   config = _config(eanet, "keras", dim_coefficient=1000, memory_units=None)
-  refuse(config, message=r"model.memory_units=None: width // dim_coefficient = \d+ // 1000")
+  refuse(config, message=r"config.model.dim_coefficient=1000; allowed: at most "
+         r"config.model.embed_dim=64")
 
 
 def test_eval_batch_not_divisible_over_the_devices(refuse, tiny_vit_config):
@@ -139,6 +145,43 @@ def test_a_nan_loss_stops_the_run_at_its_step(tiny_vit_config, tmp_path, monkeyp
   with ocp.CheckpointManager(os.fspath(tmp_path / "checkpoints")) as manager:
     assert manager.all_steps() == [2, 4]
   assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "train"] == [1, 2, 3, 4]
+
+
+def _overflow_update(monkeypatch, at_step):
+  """Makes the `at_step`-th update (1-based) infinite: the loss and gradient stay finite,
+  the updated parameters do not (as a learning rate beyond float32 would)."""
+  import optax
+
+  from efficient_vit import optim
+  real = optim.make_optimizer
+
+  def make_optimizer(*args, **kwargs):
+    tx, schedule = real(*args, **kwargs)
+    blow_up = optax.scale_by_schedule(
+        lambda count: jnp.where(count == at_step - 1, jnp.inf, 1.0).astype(jnp.float32))
+    return optax.chain(tx, blow_up), schedule
+
+  monkeypatch.setattr(optim, "make_optimizer", make_optimizer)
+
+
+def test_an_update_that_makes_a_parameter_infinite_stops_the_run_at_its_step(
+    tiny_vit_config, tmp_path, monkeypatch):
+  _overflow_update(monkeypatch, at_step=5)
+  tiny_vit_config.update(checkpoint_every_steps=1, num_train_steps=8, keep_checkpoints=10)
+  with tfds.testing.mock_data(num_examples=24):
+    with pytest.raises(train.NonFiniteError,
+                       match=r"^step 5: the updated parameters or optimizer state are not "
+                       "finite"):
+      train.train_and_evaluate(tiny_vit_config, tmp_path)
+  import orbax.checkpoint as ocp
+  with ocp.CheckpointManager(os.fspath(tmp_path / "checkpoints")) as manager:
+    assert manager.all_steps() == [1, 2, 3, 4]
+    for step in manager.all_steps():
+      state = manager.restore(step)["train"]["state"]
+      assert all(np.isfinite(x).all() for x in jax.tree.leaves(state)), step
+  train_records = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
+  assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in train_records)
 
 
 def test_skip_drops_the_nan_step_and_counts_it(tiny_vit_config, tmp_path, monkeypatch):
