@@ -8,14 +8,15 @@ the example reports 55.14% top-1). 21.76M parameters here for 100 classes.
     uv run launch.py --config configs/vit.py --workdir runs/vit_keras
 
 The model computes what the example's computes (exact GELU after both layers of every MLP,
-the head's included; LayerNorm eps 1e-6; attention key_dim = width): checked by
-tests/test_fidelity_keras.py::test_logits_match_keras_example[vit], which runs the
-example's own code (tests/make_reference_fixtures_keras.py, sizes reduced), saves its
-weights as Keras does and loads them through efficient_vit/import_keras.py. The sizes
-here are those of the example's TensorFlow version (width = projection_dim = 64); its
-Keras 3 version widens the tokens to projection_dim * num_heads = 256 with MLP [512, 256]
-(`--config.model.embed_dim=256 --config.model.mlp_dim=512`; key_dim stays 64:
-`--config.model.head_dim=64`).
+the head's included; LayerNorm eps 1e-6; attention key_dim = projection_dim): checked by
+tests/test_fidelity_keras.py::test_logits_match_keras_example[vit], which runs keras-io's
+examples/vision/image_classification_with_vision_transformer.py as published (its Keras 3
+version, sizes reduced through its own variables; tests/make_reference_fixtures_keras.py),
+saves its weights as Keras does and loads them through efficient_vit/import_keras.py.
+The sizes here are those of the example's TensorFlow version (tokens of width
+projection_dim = 64, MLP [128, 64]); the Keras 3 version widens the tokens to hidden_dim =
+projection_dim * num_heads = 256 with MLP [512, 256] and key_dim 64:
+`--config.model.embed_dim=256 --config.model.mlp_dim=512 --config.model.head_dim=64`.
 Differences in training only: the example holds out 10% of the training set for validation
 (`--config.train_split='train[:90%]'` restores that) and normalises with statistics adapted
 on the training images, where the pipeline here uses fixed per-dataset ones.

@@ -36,9 +36,11 @@ SEED = 38  # tests/make_reference_fixtures_keras.py
 # image and patch sizes, the number of classes. Every field that decides the form of the
 # computation keeps the preset's value (checked by test_only_sizes_are_overridden).
 CASES = {
+    # keras-io's Keras 3 example: tokens of hidden_dim = projection_dim * num_heads (here
+    # 16 * 2), key_dim projection_dim, MLP [2 * hidden_dim, hidden_dim].
     "vit": ("vit", "keras", dict(
-        image_size=24, num_classes=10, patch_size=6, embed_dim=16, head_dim=16, num_heads=2,
-        depth=2, mlp_dim=32, head_hidden_dims=(32, 16))),
+        image_size=24, num_classes=10, patch_size=6, embed_dim=32, head_dim=16, num_heads=2,
+        depth=2, mlp_dim=64, head_hidden_dims=(32, 16))),
     "eanet": ("eanet", "keras", dict(
         image_size=16, num_classes=10, patch_size=2, embed_dim=32, depth=2, num_heads=4,
         mlp_dim=32, head_dim=32)),
