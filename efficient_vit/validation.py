@@ -518,7 +518,7 @@ def _mobilevit(c: _Checker, image_size: int) -> None:
           + ", ".join(CHOICES["mobilevit.conv_padding"]))
   for field in ("stem_channels", "expansion", "num_heads", "patch_size", "last_channels"):
     c.integer(f"model.{field}")
-  mv2 = c.sizes("model.mv2_depths")
+  mv2 = c.sizes("model.mv2_depths", allow_empty=True)  # the keras layout has no MV2 stage
   dims = c.sizes("model.embed_dims")
   for field in ("model.transformer_depths", "model.mlp_dims"):
     if len(c.sizes(field)) != len(dims):

@@ -22,7 +22,7 @@ SINGLE_RUN_KEYS = {
     "train_gflops_per_step", "train_flops_source", "train_img_per_s_fixed",
     "train_img_per_s_fixed_blocks",
     "train_img_per_s_pipeline", "pipeline_ratio", "input_pipeline", "eval_img_per_s",
-    "compile_train_s", "compile_eval_s", "peak_memory_bytes", "peak_memory_note",
+    "compile_train_s", "compile_eval_s", "attention", "peak_memory_bytes", "peak_memory_note",
     "train_step_memory_bytes", "mfu", "peak_tflops_per_device", "device_kind", "platform",
     "num_devices", "dtype", "batch_size", "steps", "parallelism", "retain_host_memory",
     "host_huge_pages",

@@ -304,7 +304,7 @@ def test_import_refuses_a_model_of_another_form():
   # where the config has the head's, and is named.
   fixture = _fixture("vit")
   vit_family, vit, vit_size = _build("vit")
-  with pytest.raises(ValueError, match=re.escape("'layers/dense_2/vars/0' of shape (16, 32)")
+  with pytest.raises(ValueError, match=re.escape("'layers/dense_2/vars/0' of shape (32, 64)")
                      + ".*does not fit.*head_mlp/Dense_0/kernel"):
     import_keras.convert(vit_family, vit.clone(depth=1), _saved(fixture), vit_size)
 

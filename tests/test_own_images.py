@@ -350,7 +350,7 @@ def test_the_readme_fine_tuning_commands_build(tmp_path):
     values(args)
     config = values.config
     checkpoint = tmp_path / os.path.basename(config.init_from.path)
-    checkpoint.write_bytes(b"")  # init_from's check: the file exists.
+    checkpoint.write_bytes(b"\0" * 16)  # init_from's checks: a file, not empty (not read).
     config.init_from.path = str(checkpoint)
     info = input_pipeline.DatasetInfo(num_classes=5, num_train_examples=2000,
                                       num_eval_examples=500)
